@@ -1,0 +1,1 @@
+"""Pure-torch attention behaviours and layer maps. Nothing here imports ComfyUI."""

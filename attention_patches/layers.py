@@ -1,0 +1,109 @@
+"""Which self-attention layers a style method touches, resolved from the actual UNet.
+
+A layer is named the way ComfyUI's attention-replace patches name it: (block, number, depth index),
+e.g. ("output", 3, 1) is the second transformer block inside output block 3.
+"""
+
+from dataclasses import dataclass
+
+SelfAttentionLayer = tuple[str, int, int]
+
+BLOCK_NAMES = ("input", "middle", "output")
+
+LATE_SELF_ATTENTION = "late_self_attention"
+DECODER_SELF_ATTENTION = "decoder_self_attention"
+ALL_SELF_ATTENTION = "all_self_attention"
+CUSTOM = "custom"
+PRESETS = (LATE_SELF_ATTENTION, DECODER_SELF_ATTENTION, ALL_SELF_ATTENTION, CUSTOM)
+
+
+class LayerSelectionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TransformerSite:
+    """A spatial transformer inside a UNet block."""
+
+    block: str  # "input", "middle" or "output"
+    number: int  # index of the block within its part of the UNet
+    depth: int  # how many transformer blocks (each with one self-attention) it holds
+    downsamplings: int  # 0 at full latent resolution, +1 per halving
+
+    def layers(self) -> list[SelfAttentionLayer]:
+        return [(self.block, self.number, index) for index in range(self.depth)]
+
+
+def all_layers(sites: list[TransformerSite]) -> list[SelfAttentionLayer]:
+    return [layer for site in sites for layer in site.layers()]
+
+
+def late_decoder_sites(sites: list[TransformerSite]) -> list[TransformerSite]:
+    """The decoder's transformers above its lowest-resolution attention level.
+
+    Visual Style Prompting swaps in SDXL's up_blocks.1 (ComfyUI output blocks 3-5): the decoder's
+    attention levels except the coarsest one, whose layers carry content rather than style. The
+    same rule on SD1.5 selects output blocks 6-11 (up_blocks.2 and up_blocks.3).
+    """
+    decoder = [site for site in sites if site.block == "output" and site.depth > 0]
+    if not decoder:
+        return []
+    coarsest = max(site.downsamplings for site in decoder)
+    return [site for site in decoder if site.downsamplings < coarsest]
+
+
+def parse_custom_layers(text: str) -> list[tuple[str, int, int | None]]:
+    """Parse "output.3, output.4.1, middle.0": block.number selects every depth, block.number.index one."""
+    selections = []
+    for token in text.replace(",", " ").split():
+        parts = token.split(".")
+        if len(parts) not in (2, 3) or parts[0] not in BLOCK_NAMES or not all(p.isdigit() for p in parts[1:]):
+            raise LayerSelectionError(
+                f"custom_layers: cannot read {token!r}; expected block.number or block.number.index "
+                f"with block one of {', '.join(BLOCK_NAMES)} (e.g. output.3 or output.4.1)"
+            )
+        selections.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
+    return selections
+
+
+def resolve_layers(sites: list[TransformerSite], preset: str, custom_layers: str = "") -> list[SelfAttentionLayer]:
+    """The self-attention layers a preset (or the custom list) selects on this UNet; never empty."""
+    if preset == LATE_SELF_ATTENTION:
+        layers = all_layers(late_decoder_sites(sites))
+    elif preset == DECODER_SELF_ATTENTION:
+        layers = all_layers([site for site in sites if site.block == "output"])
+    elif preset == ALL_SELF_ATTENTION:
+        layers = all_layers(sites)
+    elif preset == CUSTOM:
+        layers = _resolve_custom(sites, custom_layers)
+    else:
+        raise LayerSelectionError(f"layers: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    if not layers:
+        raise LayerSelectionError(
+            f"layers: preset {preset!r} selects no self-attention layer on this model "
+            f"(its layers: {format_layers(all_layers(sites))})"
+        )
+    return layers
+
+
+def _resolve_custom(sites: list[TransformerSite], text: str) -> list[SelfAttentionLayer]:
+    selections = parse_custom_layers(text)
+    if not selections:
+        raise LayerSelectionError("custom_layers: empty; list layers such as output.3, output.4.1")
+    by_block = {(site.block, site.number): site for site in sites}
+    layers: list[SelfAttentionLayer] = []
+    for block, number, index in selections:
+        site = by_block.get((block, number))
+        if site is None or (index is not None and index >= site.depth):
+            name = f"{block}.{number}" + ("" if index is None else f".{index}")
+            raise LayerSelectionError(
+                f"custom_layers: this model has no self-attention at {name}; "
+                f"its layers are {format_layers(all_layers(sites))}"
+            )
+        chosen = site.layers() if index is None else [(block, number, index)]
+        layers.extend(layer for layer in chosen if layer not in layers)
+    return layers
+
+
+def format_layers(layers: list[SelfAttentionLayer]) -> str:
+    return ", ".join(f"{block}.{number}.{index}" for block, number, index in layers) or "none"

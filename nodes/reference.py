@@ -1,0 +1,147 @@
+"""An external style reference: a latent (e.g. a VAE-encoded image) and what it is conditioned on.
+
+At each sigma the reference is its forward-noised latent under a fixed seed. A separate forward
+pass of it records its self-attention features before the targets' pass uses them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.sample
+import comfy.sampler_helpers
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..attention_patches.reference import REFERENCE_STORE_OPTION, ReferenceFeatureStore
+from ..attention_patches.styled_self_attention import SigmaRange
+from .model_layers import latent_downscale
+
+StyleReference = io.Custom("STYLE_REFERENCE")
+
+REFERENCE_PASS_WRAPPER_KEY = "style_attention_nodes.reference_pass"
+
+
+@dataclass(frozen=True)
+class LatentReference:
+    latent: torch.Tensor  # (1, C, H, W), as a LATENT holds it (before the model's latent scaling)
+    noise: torch.Tensor  # same shape, drawn once from the seed
+    conditioning: list  # a CONDITIONING with one entry
+
+    def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
+        clean = base_model.process_latent_in(self.latent)
+        return base_model.model_sampling.noise_scaling(sigma, self.noise, clean)
+
+    def model_inputs(self, base_model, noisy: torch.Tensor) -> dict:
+        """apply_model's keyword inputs (c_crossattn, y, ...) for the reference, batch 1."""
+        conds = comfy.sampler_helpers.convert_cond(self.conditioning)
+        conds = comfy.samplers.encode_model_conds(base_model.extra_conds, conds, noisy, noisy.device, "positive")
+        return {
+            name: cond.process_cond(batch_size=1, device=noisy.device, area=None).cond
+            for name, cond in conds[0]["model_conds"].items()
+        }
+
+    def validate_for(self, model: comfy.model_patcher.ModelPatcher, input_name: str) -> None:
+        channels = model.get_model_object("latent_format").latent_channels
+        if self.latent.shape[1] != channels:
+            raise ValueError(
+                f"{input_name}: the reference latent has {self.latent.shape[1]} channels but this model's latents "
+                f"have {channels}; encode the reference image with this model's VAE"
+            )
+        multiple = 2 ** latent_downscale(model)
+        height, width = self.latent.shape[-2:]
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"{input_name}: the reference latent is {height}x{width}; this UNet needs sides divisible by "
+                f"{multiple} (images divisible by {multiple * 8} pixels)"
+            )
+
+
+@dataclass(frozen=True)
+class ExternalReferencePass:
+    """apply_model wrapper: run the reference alone to record its features, then the targets replaying them."""
+
+    reference: LatentReference
+    active_range: SigmaRange
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if not self.active_range.contains(float(t[0])):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        base_model = executor.class_obj
+        sigma = t[:1]
+        reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
+        reference_inputs = self.reference.model_inputs(base_model, reference_x)
+        store = ReferenceFeatureStore()
+        reference_options = {**transformer_options, REFERENCE_STORE_OPTION: store, "cond_or_uncond": [0], "sigmas": sigma}
+        executor(
+            reference_x,
+            sigma,
+            reference_inputs.pop("c_concat", None),
+            reference_inputs.pop("c_crossattn", None),
+            None,
+            reference_options,
+            **reference_inputs,
+        )
+        target_options = {**transformer_options, REFERENCE_STORE_OPTION: store.replay()}
+        return executor(x, t, c_concat, c_crossattn, control, target_options, **kwargs)
+
+
+def install_reference_pass(model: comfy.model_patcher.ModelPatcher, reference: LatentReference, active_range: SigmaRange):
+    model.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+        REFERENCE_PASS_WRAPPER_KEY,
+        ExternalReferencePass(reference, active_range),
+    )
+
+
+class StyleReferenceLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StyleReferenceLatent",
+            display_name="Style Reference (Latent)",
+            category="style_attention/reference",
+            description="A style reference from a latent, e.g. a VAE-encoded image. At each step the style "
+            "nodes see it forward-noised to the current sigma under a fixed seed.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="The reference as a latent (VAE Encode an image). One image."),
+                io.Clip.Input("clip", tooltip="Encodes the reference's own prompt."),
+                io.String.Input(
+                    "prompt",
+                    default="",
+                    multiline=True,
+                    tooltip="What the reference shows, e.g. its style description. Empty is the usual choice.",
+                ),
+                io.Int.Input(
+                    "noise_seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Seed of the fixed noise that brings the reference to each sigma.",
+                ),
+                io.Conditioning.Input(
+                    "conditioning",
+                    optional=True,
+                    tooltip="Overrides clip + prompt: the reference's own conditioning (one entry).",
+                ),
+            ],
+            outputs=[StyleReference.Output(display_name="reference")],
+        )
+
+    @classmethod
+    def execute(cls, latent, clip, prompt, noise_seed, conditioning=None) -> io.NodeOutput:
+        samples = latent["samples"]
+        if samples.ndim != 4 or samples.shape[0] != 1:
+            raise ValueError(
+                f"latent: expected one image latent of shape (1, C, H, W), got {tuple(samples.shape)}; "
+                "pick one image with Latent From Batch"
+            )
+        if conditioning is None:
+            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        if len(conditioning) != 1:
+            raise ValueError(f"conditioning: expected a single conditioning entry, got {len(conditioning)}")
+        noise = comfy.sample.prepare_noise(samples, noise_seed)
+        return io.NodeOutput(LatentReference(samples.float(), noise.float(), conditioning))

@@ -1,0 +1,189 @@
+"""Random-weight SD1.5- and SDXL-shaped models built inside the real ComfyUI.
+
+No model weights can be downloaded where this project is built and tested, so tests (and the demo's
+stand-in checkpoint) use models of the right architecture with random weights, deterministic under
+a seed. Import this only after ComfyUI's folder is on sys.path.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.supported_models
+import comfy.utils
+from comfy.ldm.models.autoencoder import AutoencoderKL
+
+TINY_SD15_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 2],
+    # SD1.5's pattern: attention at every level but the lowest resolution.
+    "transformer_depth": [1, 1, 0],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 0, 0],
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "context_dim": 32,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+TINY_SDXL_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 2],
+    # SDXL's pattern: no attention at full resolution, deeper transformers lower down.
+    "transformer_depth": [0, 2, 3],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [0, 0, 2, 2, 3, 3],
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "context_dim": 64,  # CLIP-L hidden + CLIP-G hidden
+    "num_head_channels": 16,
+    "use_linear_in_transformer": True,
+    "adm_in_channels": 32 + 6 * 256,  # CLIP-G pooled + six 256-d size embeddings
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+TINY_CLIP_TEXT_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,  # SDXL reads the penultimate layer of CLIP-L
+    "num_attention_heads": 2,
+    "projection_dim": 32,
+}
+
+TINY_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,  # GroupNorm uses 32 groups: the narrowest possible
+    "ch_mult": [1, 1, 1, 1],  # four levels keep the usual 8x downscale
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+
+# The smallest UNet that CheckpointLoaderSimple still detects as SD1.5 (it keys on
+# model_channels 320 and context_dim 768): two levels with attention at both.
+DEMO_SD15_UNET = {
+    **TINY_SD15_UNET,
+    "model_channels": 320,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 1],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "context_dim": 768,
+}
+
+
+def randomize_parameters(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter random values of torch.nn's default scale.
+
+    comfy.ops layers skip initialisation (their reset_parameters does nothing), so torch.nn's own
+    reset_parameters is called on each; anything no layer owns is drawn from N(0, 0.02).
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        initialised = set()
+        for submodule in module.modules():
+            for cls in type(submodule).__mro__:
+                if cls.__module__.startswith("torch.nn") and "reset_parameters" in cls.__dict__:
+                    cls.reset_parameters(submodule)
+                    initialised.update(id(p) for p in submodule.parameters(recurse=False))
+                    break
+        for parameter in module.parameters():
+            if id(parameter) not in initialised:
+                with torch.no_grad():
+                    parameter.normal_(0.0, 0.02)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+@dataclass
+class RandomModels:
+    model: comfy.model_patcher.ModelPatcher
+    clip: comfy.sd.CLIP
+    vae: comfy.sd.VAE
+
+
+def _model_patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    randomize_parameters(model.diffusion_model, seed)
+    model.diffusion_model.eval()
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
+
+
+def _clip(model_config, text_config_overrides: dict, seed: int) -> comfy.sd.CLIP:
+    clip = comfy.sd.CLIP(
+        target=model_config.clip_target(),
+        model_options={**text_config_overrides, "dtype": torch.float32},
+    )
+    randomize_parameters(clip.cond_stage_model, seed + 1)
+    return clip
+
+
+def _vae(ddconfig: dict, seed: int) -> comfy.sd.VAE:
+    autoencoder = AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"])
+    randomize_parameters(autoencoder, seed + 2)
+    return comfy.sd.VAE(
+        sd=autoencoder.state_dict(),
+        config={"params": {"ddconfig": ddconfig, "embed_dim": ddconfig["z_channels"]}},
+        dtype=torch.float32,
+    )
+
+
+def tiny_sd15(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
+    model_config = comfy.supported_models.SD15(copy.deepcopy(unet_config or TINY_SD15_UNET))
+    return RandomModels(
+        model=_model_patcher(model_config, seed),
+        clip=_clip(model_config, {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG}, seed),
+        vae=_vae(TINY_VAE_DDCONFIG, seed),
+    )
+
+
+def tiny_sdxl(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
+    model_config = comfy.supported_models.SDXL(copy.deepcopy(unet_config or TINY_SDXL_UNET))
+    text_overrides = {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG, "clip_g_model_config": TINY_CLIP_TEXT_CONFIG}
+    return RandomModels(
+        model=_model_patcher(model_config, seed),
+        clip=_clip(model_config, text_overrides, seed),
+        vae=_vae(TINY_VAE_DDCONFIG, seed),
+    )
+
+
+def save_demo_sd15_checkpoint(path: str, seed: int = 0) -> None:
+    """Write a random-weight checkpoint that CheckpointLoaderSimple detects as SD1.5.
+
+    Full CLIP-L and the standard SD VAE (their shapes are what detection expects), a two-level
+    UNet, all in fp16. It makes noise, not pictures.
+    """
+    model_config = comfy.supported_models.SD15(copy.deepcopy(DEMO_SD15_UNET))
+    model = _model_patcher(model_config, seed)
+    clip = _clip(model_config, {}, seed)
+    default_vae_ddconfig = {**TINY_VAE_DDCONFIG, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
+    vae = _vae(default_vae_ddconfig, seed)
+    state_dict = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    state_dict = {key: value.to(torch.float16) if value.is_floating_point() else value for key, value in state_dict.items()}
+    comfy.utils.save_torch_file(state_dict, path, metadata={"style_attention_nodes": "random weights, not a model"})

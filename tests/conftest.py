@@ -1,0 +1,193 @@
+"""A real ComfyUI in the test process: its node loader, model patcher, samplers and execution engine.
+
+ComfyUI comes from COMFYUI_DIR (make setup provisions .comfyui/ComfyUI). The pack is loaded through
+ComfyUI's own custom-node loader, exactly as a user's ComfyUI loads it.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
+if not (COMFYUI_DIR / "main.py").is_file():
+    raise RuntimeError(f"no ComfyUI at {COMFYUI_DIR}; run `make setup` or set COMFYUI_DIR")
+sys.path[:0] = [str(COMFYUI_DIR), str(REPO / "scripts")]
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+
+import torch  # noqa: E402
+
+import execution  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+import random_models  # noqa: E402
+from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
+
+PACK_NODE_IDS = ("VisualStylePrompting", "StyleReferenceLatent", "ReferenceTargetPrompts")
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _load_comfyui_nodes() -> tuple[frozenset, list[str]]:
+    """Load ComfyUI's own nodes, then custom_nodes/ through its loader; return core ids and the loader's log."""
+    asyncio.run(nodes.init_public_apis())
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    core_ids = frozenset(nodes.NODE_CLASS_MAPPINGS)
+    capture = _LogCapture()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.INFO)
+    try:
+        asyncio.run(nodes.init_external_custom_nodes())
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(level)
+    return core_ids, capture.lines
+
+
+CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG = _load_comfyui_nodes()
+
+
+def pack_module():
+    """The pack as ComfyUI imported it (module name derived from its folder path)."""
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and Path(path).resolve() == REPO / "__init__.py":
+            return module
+    raise RuntimeError("ComfyUI did not import the pack from custom_nodes/")
+
+
+PACK = pack_module()
+
+
+def pack_submodule(name: str):
+    return sys.modules[f"{PACK.__name__}.{name}"]
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return PACK
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    return random_models.tiny_sd15(seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    return random_models.tiny_sdxl(seed=0)
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def models(request):
+    return request.getfixturevalue(request.param)
+
+
+class HeadlessServer:
+    """Where PromptExecutor reports progress when no web server runs: it keeps the messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class RandomWeightCheckpoint:
+    """Test stand-in for CheckpointLoaderSimple: the tiny random models of this session."""
+
+    MODELS: dict = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"architecture": (["sd15", "sdxl"],)}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, architecture):
+        models = self.MODELS[architecture]
+        return models.model, models.clip, models.vae
+
+
+nodes.NODE_CLASS_MAPPINGS["RandomWeightCheckpoint"] = RandomWeightCheckpoint
+
+
+def node_inputs(class_type: str):
+    return schema_inputs(nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES())
+
+
+def load_workflow_as_api(path: Path) -> dict:
+    return ui_to_api(json.loads(path.read_text()), node_inputs)
+
+
+class Engine:
+    """Runs API-format prompts through ComfyUI's validation and PromptExecutor."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.executor = execution.PromptExecutor(HeadlessServer(), cache_args={"lru": 0, "ram": 0})
+
+    def run(self, prompt: dict) -> dict:
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            raise AssertionError(f"prompt did not validate: {valid[1]} {valid[3]}")
+        self.executor.execute(prompt, prompt_id, {}, valid[2])
+        if not self.executor.success:
+            errors = [data for event, data in self.executor.status_messages if event == "execution_error"]
+            raise ExecutionFailed(errors[0]["exception_message"] if errors else "execution failed", errors)
+        return self.executor.history_result["outputs"]
+
+    def images(self, outputs: dict) -> list[Path]:
+        return [
+            Path(folder_paths.get_output_directory()) / image["subfolder"] / image["filename"]
+            for node_output in outputs.values()
+            for image in node_output.get("images", [])
+        ]
+
+
+class ExecutionFailed(AssertionError):
+    def __init__(self, message, errors):
+        super().__init__(message)
+        self.message = message
+        self.errors = errors
+
+
+@pytest.fixture
+def engine(tmp_path, sd15, sdxl):
+    RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl}
+    folder_paths.set_output_directory(str(tmp_path))
+    return Engine(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

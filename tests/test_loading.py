@@ -1,0 +1,31 @@
+"""The pack loads through ComfyUI's own custom-node loader."""
+
+from conftest import CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG, PACK_NODE_IDS, REPO
+
+from pathlib import Path
+
+import nodes
+
+
+def test_pack_loads_without_import_failure():
+    failures = [line for line in CUSTOM_NODE_LOADER_LOG if "IMPORT FAILED" in line]
+    assert not failures, failures
+    assert REPO in {Path(d).resolve() for d in nodes.LOADED_MODULE_DIRS.values()}
+
+
+def test_every_node_registers():
+    for node_id in PACK_NODE_IDS:
+        assert node_id in nodes.NODE_CLASS_MAPPINGS, node_id
+
+
+def test_node_ids_do_not_collide_with_comfyui_core():
+    assert not set(PACK_NODE_IDS) & CORE_NODE_IDS
+
+
+def test_every_input_has_a_tooltip_and_nodes_share_one_category_root():
+    for node_id in PACK_NODE_IDS:
+        node_class = nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert node_class.CATEGORY.split("/")[0] == "style_attention", node_id
+        for section in node_class.INPUT_TYPES().values():
+            for name, spec in section.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
