@@ -115,7 +115,7 @@ class StyleReferenceLatent(io.ComfyNode):
                     tooltip="What the reference shows, e.g. its style description. Empty is the usual choice.",
                 ),
                 io.Int.Input(
-                    "noise_seed",
+                    "reference_seed",
                     default=0,
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
@@ -132,7 +132,7 @@ class StyleReferenceLatent(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, latent, clip, prompt, noise_seed, conditioning=None) -> io.NodeOutput:
+    def execute(cls, latent, clip, prompt, reference_seed, conditioning=None) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.ndim != 4 or samples.shape[0] != 1:
             raise ValueError(
@@ -143,5 +143,5 @@ class StyleReferenceLatent(io.ComfyNode):
             conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         if len(conditioning) != 1:
             raise ValueError(f"conditioning: expected a single conditioning entry, got {len(conditioning)}")
-        noise = comfy.sample.prepare_noise(samples, noise_seed)
+        noise = comfy.sample.prepare_noise(samples, reference_seed)
         return io.NodeOutput(LatentReference(samples.float(), noise.float(), conditioning))
