@@ -2,7 +2,7 @@
 
 Widget values are matched to input names with the node schemas of a running ComfyUI (its
 /object_info, or INPUT_TYPES in-process), the way the frontend does it: widget inputs in schema
-order, with one extra value after each input that has a control_after_generate widget.
+order, with the extra values of seed-control and upload widgets skipped.
 """
 
 from collections.abc import Callable
@@ -34,11 +34,12 @@ def is_widget(input_type, options: dict) -> bool:
     return isinstance(input_type, list) or input_type in WIDGET_TYPES
 
 
-def has_control_widget(name: str, options: dict) -> bool:
+def companion_widgets(name: str, options: dict) -> int:
+    """Widgets the frontend adds after an input's own (seed control, upload button), which save a value too."""
     control = options.get("control_after_generate")
-    if control is None:
-        return name in ("seed", "noise_seed")
-    return bool(control)
+    has_control = name in ("seed", "noise_seed") if control is None else bool(control)
+    has_upload = any(options.get(kind) for kind in ("image_upload", "video_upload", "audio_upload"))
+    return int(has_control) + int(has_upload)
 
 
 def ui_to_api(workflow: dict, node_inputs: Callable[[str], list[InputSpec]]) -> dict:
@@ -62,8 +63,7 @@ def ui_to_api(workflow: dict, node_inputs: Callable[[str], list[InputSpec]]) -> 
                 if not values:
                     raise WorkflowError(f"node {node['id']} ({class_type}): no widget value left for {name!r}")
                 inputs[name] = values.pop(0)
-                if has_control_widget(name, options):
-                    values.pop(0)
+                del values[: companion_widgets(name, options)]
             if name in linked:
                 inputs[name] = linked[name]
         if values:

@@ -1,0 +1,90 @@
+"""Every shipped UI workflow converts with the running ComfyUI's node schemas and executes in its engine."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, Engine, load_workflow_as_api
+
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+STYLE_NODES = {"VisualStylePrompting"}
+
+
+def test_every_workflow_has_a_thumbnail():
+    assert WORKFLOWS
+    for workflow in WORKFLOWS:
+        assert workflow.with_suffix(".jpg").is_file(), workflow.name
+
+
+def for_test_models(prompt: dict, architecture: str) -> dict:
+    """Swap the checkpoint for the tiny random models and shrink images and steps; nothing else changes."""
+    prompt = copy.deepcopy(prompt)
+    for node_id in [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]:
+        scaled_id = f"{node_id}_scaled"
+        for node in prompt.values():
+            for name, value in node["inputs"].items():
+                if value == [node_id, 0]:
+                    node["inputs"][name] = [scaled_id, 0]
+        prompt[scaled_id] = {"class_type": "ImageScale", "inputs": {
+            "image": [node_id, 0], "upscale_method": "area", "width": 64, "height": 64, "crop": "center"}}
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
+        elif node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 3
+    return prompt
+
+
+def without_style(prompt: dict) -> dict:
+    """The same graph with every style node bypassed: its consumers take the model it was given."""
+    prompt = copy.deepcopy(prompt)
+    bypassed = {node_id: node["inputs"]["model"] for node_id, node in prompt.items() if node["class_type"] in STYLE_NODES}
+    for node_id in bypassed:
+        del prompt[node_id]
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in bypassed:
+                node["inputs"][name] = bypassed[value[0]]
+    return {node_id: node for node_id, node in prompt.items() if node["class_type"] != "StyleReferenceLatent"}
+
+
+def with_style_inputs(prompt: dict, **inputs) -> dict:
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        if node["class_type"] in STYLE_NODES:
+            node["inputs"].update(inputs)
+    return prompt
+
+
+def pixels(engine, outputs):
+    images = engine.images(outputs)
+    assert images, "the workflow saved no image"
+    return np.stack([np.asarray(Image.open(path)) for path in images])
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_executes_styles_and_leaves_the_model_clean(engine, workflow):
+    architecture = "sdxl" if "sdxl" in workflow.stem else "sd15"
+    prompt = for_test_models(load_workflow_as_api(workflow), architecture)
+    unstyled_prompt = without_style(prompt)
+
+    unstyled = pixels(engine, Engine(engine.output_dir).run(unstyled_prompt))
+    styled = pixels(engine, engine.run(prompt))
+    assert styled.shape == unstyled.shape
+    assert not np.array_equal(styled, unstyled)
+    assert np.array_equal(pixels(engine, engine.run(with_style_inputs(prompt, strength=0.0))), unstyled)
+    assert np.array_equal(
+        pixels(engine, engine.run(with_style_inputs(prompt, start_percent=0.5, end_percent=0.5))), unstyled)
+    assert np.array_equal(pixels(engine, Engine(engine.output_dir).run(unstyled_prompt)), unstyled)
+
+
+def test_workflows_are_ui_format():
+    for workflow in WORKFLOWS:
+        data = json.loads(workflow.read_text())
+        assert {"nodes", "links", "version"} <= set(data), workflow.name
+        assert all("widgets_values" in node and "pos" in node for node in data["nodes"]), workflow.name
