@@ -48,13 +48,12 @@ TINY_SDXL_UNET = {
     "channel_mult": [1, 2, 2],
     # SDXL's pattern: no attention at full resolution, deeper transformers lower down.
     "transformer_depth": [0, 2, 3],
-    "transformer_depth_middle": 1,
+    "transformer_depth_middle": 3,  # as deep as the lowest level, like SDXL (and diffusers' mid block)
     "transformer_depth_output": [0, 0, 2, 2, 3, 3],
     "use_spatial_transformer": True,
     "legacy": False,
     "num_classes": "sequential",
     "context_dim": 64,  # CLIP-L hidden + CLIP-G hidden
-    "num_head_channels": 16,
     "use_linear_in_transformer": True,
     "adm_in_channels": 32 + 6 * 256,  # CLIP-G pooled + six 256-d size embeddings
     "use_temporal_attention": False,
@@ -93,6 +92,12 @@ DEMO_SD15_UNET = {
     "transformer_depth_output": [1, 1, 1, 1],
     "context_dim": 768,
 }
+
+
+class TinySDXL(comfy.supported_models.SDXL):
+    """SDXL with 16-channel attention heads (SDXL's 64 would leave these narrow layers a single head)."""
+
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
 def randomize_parameters(module: torch.nn.Module, seed: int) -> None:
@@ -164,7 +169,7 @@ def tiny_sd15(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
 
 
 def tiny_sdxl(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
-    model_config = comfy.supported_models.SDXL(copy.deepcopy(unet_config or TINY_SDXL_UNET))
+    model_config = TinySDXL(copy.deepcopy(unet_config or TINY_SDXL_UNET))
     text_overrides = {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG, "clip_g_model_config": TINY_CLIP_TEXT_CONFIG}
     return RandomModels(
         model=_model_patcher(model_config, seed),

@@ -20,6 +20,7 @@ if not (COMFYUI_DIR / "main.py").is_file():
     raise RuntimeError(f"no ComfyUI at {COMFYUI_DIR}; run `make setup` or set COMFYUI_DIR")
 sys.path[:0] = [str(COMFYUI_DIR), str(REPO / "scripts")]
 
+import utils.install_util  # noqa: E402,F401  ComfyUI's utils package, bound before anything shadows it (as main.py does)
 import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing(False)
@@ -47,10 +48,13 @@ class _LogCapture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _load_comfyui_nodes() -> tuple[frozenset, list[str]]:
-    """Load ComfyUI's own nodes, then custom_nodes/ through its loader; return core ids and the loader's log."""
+def _load_comfyui_nodes() -> tuple[list[str], frozenset, list[str]]:
+    """Load ComfyUI's own nodes, then custom_nodes/ through its loader.
+
+    Returns the built-in node files that failed to import, the core node ids, and the custom-node loader's log.
+    """
     asyncio.run(nodes.init_public_apis())
-    asyncio.run(nodes.init_builtin_extra_nodes())
+    builtin_failures = asyncio.run(nodes.init_builtin_extra_nodes())
     core_ids = frozenset(nodes.NODE_CLASS_MAPPINGS)
     capture = _LogCapture()
     root = logging.getLogger()
@@ -62,10 +66,10 @@ def _load_comfyui_nodes() -> tuple[frozenset, list[str]]:
     finally:
         root.removeHandler(capture)
         root.setLevel(level)
-    return core_ids, capture.lines
+    return builtin_failures, core_ids, capture.lines
 
 
-CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG = _load_comfyui_nodes()
+BUILTIN_IMPORT_FAILURES, CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG = _load_comfyui_nodes()
 
 
 def pack_module():

@@ -1,0 +1,46 @@
+"""Visual Style Prompting (Jeong et al. 2024) as a diffusers attention processor.
+
+In the activated self-attention layers, every image of a guidance chunk takes the keys and values of
+the chunk's first image (the reference), which therefore attends to itself unchanged. With an
+external reference, the reference runs alone first and its keys and values serve every image.
+"""
+
+from .attention import attend, projections
+
+
+class ExternalReference:
+    """Keys and values of a reference's own pass, per processor."""
+
+    def __init__(self):
+        self.recording = False
+        self.keys_values = {}
+
+
+class VisualStylePromptingProcessor:
+    def __init__(self, name, chunks=2, external: ExternalReference | None = None):
+        self.name = name
+        self.chunks = chunks
+        self.external = external
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        query, key, value = projections(attn, hidden_states, encoder_hidden_states)
+        if self.external is not None:
+            if self.external.recording:
+                self.external.keys_values[self.name] = (key, value)
+                return attend(attn, query, key, value)
+            ref_key, ref_value = self.external.keys_values[self.name]
+            batch = query.shape[0]
+            return attend(attn, query, ref_key.expand(batch, -1, -1), ref_value.expand(batch, -1, -1))
+        per_chunk = query.shape[0] // self.chunks
+        first_of_chunk = [c * per_chunk for c in range(self.chunks) for _ in range(per_chunk)]
+        return attend(attn, query, key[first_of_chunk], value[first_of_chunk])
+
+
+def install(unet, processor_names, chunks=2, external=None):
+    from .attention import PlainProcessor
+
+    processors = {
+        name: VisualStylePromptingProcessor(name, chunks, external) if name in processor_names else PlainProcessor()
+        for name in unet.attn_processors
+    }
+    unet.set_attn_processor(processors)

@@ -1,0 +1,137 @@
+"""Fidelity: the ComfyUI nodes give the numbers of an independent diffusers implementation of each paper,
+on the same random weights (tests/reference/)."""
+
+import pytest
+import torch
+
+import comfy.sample
+import comfy.samplers
+from helpers import assert_relative_close, run_node, vsp
+from reference import vsp as reference_vsp
+from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
+from reference.models import twin_models
+from reference.sampling import Prompts, ddim_sample, denoise, sd_scheduler, sigma_of_timestep, unet_eps
+
+TOLERANCE = 1e-4
+SIZE = 8
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def twins(request):
+    return twin_models(request.param, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def plain_diffusers_processors(twins):
+    twins.diffusers_unet.set_attn_processor(PlainProcessor())
+
+
+def random_prompts(twins, batch, seed=2) -> Prompts:
+    g = torch.Generator().manual_seed(seed)
+    embeddings = lambda: torch.randn(batch, 77, twins.context_dim, generator=g)  # noqa: E731
+    pooled = (lambda: torch.randn(batch, twins.pooled_dim, generator=g)) if twins.pooled_dim else (lambda: None)
+    return Prompts(cond=embeddings(), uncond=embeddings(), pooled_cond=pooled(), pooled_uncond=pooled())
+
+
+def start_noise(batch, seed=3):
+    return torch.randn(batch, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def scale_factor(twins):
+    return twins.comfy_model.model.latent_format.scale_factor
+
+
+def comfy_denoise(model, prompts, timestep, cfg, noise):
+    """ComfyUI's guided x0 at one timestep: a single Euler step from sigma_t to 0 lands on it."""
+    sigma = float(model.get_model_object("model_sampling").sigma(torch.tensor(timestep)))
+    positive, negative = prompts.comfy_conditioning()
+    sampler = comfy.samplers.sampler_object("euler")
+    latent = torch.zeros_like(noise)
+    out = comfy.sample.sample_custom(model, noise, cfg, sampler, torch.tensor([sigma, 0.0]), positive, negative,
+                                     latent, disable_pbar=True, seed=0)
+    return out, sigma
+
+
+def comfy_sample(model, prompts, steps, cfg, noise):
+    positive, negative = prompts.comfy_conditioning()
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "ddim_uniform", positive, negative,
+                               torch.zeros_like(noise), disable_pbar=True, seed=0)
+
+
+def test_comfy_sigmas_map_to_diffusers_timesteps(twins):
+    model_sampling = twins.comfy_model.get_model_object("model_sampling")
+    scheduler = sd_scheduler()
+    for timestep in (1, 251, 500, 999):
+        sigma = sigma_of_timestep(scheduler, timestep)
+        assert float(model_sampling.sigma(torch.tensor(timestep))) == pytest.approx(sigma, rel=1e-5)
+        assert float(model_sampling.timestep(torch.tensor(sigma))) == pytest.approx(timestep, abs=1e-3)
+    scheduler.set_timesteps(4)
+    comfy_sigmas = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", 4)
+    expected = [sigma_of_timestep(scheduler, int(t)) for t in scheduler.timesteps] + [0.0]
+    assert comfy_sigmas.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_plain_unet_forward_and_sampling_agree(twins):
+    prompts = random_prompts(twins, batch=2)
+    noise = start_noise(2)
+    comfy_x0, sigma = comfy_denoise(twins.comfy_model, prompts, 501, 4.0, noise)
+    expected = denoise(twins.diffusers_unet, sd_scheduler(), noise * sigma, 501, prompts, 4.0)
+    assert_relative_close(comfy_x0 * scale_factor(twins), expected, 1e-5)
+
+
+def vsp_in_batch_reference(twins):
+    unet = twins.diffusers_unet
+    reference_vsp.install(unet, self_attention_processor_names(unet, late_up_blocks(unet)))
+
+
+def test_vsp_in_batch_denoiser_parity(twins):
+    prompts = random_prompts(twins, batch=3)
+    noise = start_noise(3)
+    comfy_x0, sigma = comfy_denoise(vsp(twins.comfy_model), prompts, 501, 4.0, noise)
+    vsp_in_batch_reference(twins)
+    expected = denoise(twins.diffusers_unet, sd_scheduler(), noise * sigma, 501, prompts, 4.0)
+    assert_relative_close(comfy_x0 * scale_factor(twins), expected, TOLERANCE)
+    twins.diffusers_unet.set_attn_processor(PlainProcessor())
+    unstyled = denoise(twins.diffusers_unet, sd_scheduler(), noise * sigma, 501, prompts, 4.0)
+    assert ((expected - unstyled).norm() / unstyled.norm()) > 100 * TOLERANCE  # the test can tell styled from plain
+
+
+def test_vsp_in_batch_sampling_parity(twins):
+    prompts = random_prompts(twins, batch=3)
+    noise = start_noise(3)
+    comfy_out = comfy_sample(vsp(twins.comfy_model), prompts, 4, 4.0, noise)
+    vsp_in_batch_reference(twins)
+    scheduler = sd_scheduler()
+    scheduler.set_timesteps(4)
+    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
+    expected = ddim_sample(twins.diffusers_unet, sd_scheduler(), start, 4, prompts, 4.0)
+    assert_relative_close(comfy_out * scale_factor(twins), expected, TOLERANCE)
+
+
+def test_vsp_external_reference_sampling_parity(twins):
+    prompts = random_prompts(twins, batch=2)
+    reference_prompts = random_prompts(twins, batch=1, seed=5)
+    reference_latent = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+    noise = start_noise(2)
+
+    (reference,) = run_node("StyleReferenceLatent", latent={"samples": reference_latent}, clip=None, prompt="",
+                            reference_seed=9, conditioning=reference_prompts.comfy_conditioning()[0])
+    comfy_out = comfy_sample(vsp(twins.comfy_model, reference=reference), prompts, 4, 4.0, noise)
+
+    unet = twins.diffusers_unet
+    external = reference_vsp.ExternalReference()
+    reference_vsp.install(unet, self_attention_processor_names(unet, late_up_blocks(unet)), external=external)
+    scheduler = sd_scheduler()
+    reference_noise = comfy.sample.prepare_noise(reference_latent, 9)
+    clean = reference_latent * scale_factor(twins)
+
+    def run_reference_alone(timestep):
+        external.recording = True
+        noisy = scheduler.add_noise(clean, reference_noise, torch.tensor([int(timestep)]))
+        unet_eps(unet, noisy, timestep, reference_prompts.cond, reference_prompts.pooled_cond, SIZE, SIZE)
+        external.recording = False
+
+    scheduler.set_timesteps(4)
+    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
+    expected = ddim_sample(unet, scheduler, start, 4, prompts, 4.0, before_call=run_reference_alone)
+    assert_relative_close(comfy_out * scale_factor(twins), expected, TOLERANCE)
