@@ -17,47 +17,41 @@ import comfy.supported_models
 import comfy.utils
 from comfy.ldm.models.autoencoder import AutoencoderKL
 
-TINY_SD15_UNET = {
+_TINY_UNET_COMMON = {
     "use_checkpoint": False,
     "image_size": 32,
     "in_channels": 4,
     "out_channels": 4,
-    "model_channels": 32,
+    "model_channels": 32,  # GroupNorm uses 32 groups: the narrowest possible
     "num_res_blocks": [1, 1, 1],
     "channel_mult": [1, 2, 2],
-    # SD1.5's pattern: attention at every level but the lowest resolution.
-    "transformer_depth": [1, 1, 0],
-    "transformer_depth_middle": 1,
-    "transformer_depth_output": [1, 1, 1, 1, 0, 0],
     "use_spatial_transformer": True,
     "legacy": False,
-    "context_dim": 32,
-    "use_linear_in_transformer": False,
-    "adm_in_channels": None,
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
 
+TINY_SD15_UNET = {
+    **_TINY_UNET_COMMON,
+    # SD1.5's pattern: attention at every level but the lowest resolution.
+    "transformer_depth": [1, 1, 0],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [1, 1, 1, 1, 0, 0],
+    "context_dim": 32,
+    "use_linear_in_transformer": False,
+    "adm_in_channels": None,
+}
+
 TINY_SDXL_UNET = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "num_res_blocks": [1, 1, 1],
-    "channel_mult": [1, 2, 2],
+    **_TINY_UNET_COMMON,
     # SDXL's pattern: no attention at full resolution, deeper transformers lower down.
     "transformer_depth": [0, 2, 3],
     "transformer_depth_middle": 3,  # as deep as the lowest level, like SDXL (and diffusers' mid block)
     "transformer_depth_output": [0, 0, 2, 2, 3, 3],
-    "use_spatial_transformer": True,
-    "legacy": False,
     "num_classes": "sequential",
     "context_dim": 64,  # CLIP-L hidden + CLIP-G hidden
     "use_linear_in_transformer": True,
     "adm_in_channels": 32 + 6 * 256,  # CLIP-G pooled + six 256-d size embeddings
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
 }
 
 TINY_CLIP_TEXT_CONFIG = {
