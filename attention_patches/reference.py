@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layers import SelfAttentionLayer
-
 # The transformer_options entry through which the reference pass and the targets' pass share a store.
 REFERENCE_STORE_OPTION = "style_attention_reference_store"
 
@@ -38,21 +36,37 @@ def batch_chunks(batch_size: int, cond_or_uncond: list[int]) -> list[slice]:
     return [slice(i * size, (i + 1) * size) for i in range(chunks)]
 
 
+def in_batch_references(batch_size: int, cond_or_uncond: list[int]) -> list[tuple[slice, slice]]:
+    """(reference, targets) per chunk: item 0 of each cond/uncond chunk is the reference of the rest."""
+    pairs = []
+    for chunk in batch_chunks(batch_size, cond_or_uncond):
+        if chunk.stop - chunk.start < 2:
+            raise ReferenceError(
+                "in-batch reference needs a latent batch of at least 2 (item 0 is the reference, the rest "
+                "are targets); got 1. Raise batch_size, or connect a reference"
+            )
+        pairs.append((slice(chunk.start, chunk.start + 1), slice(chunk.start + 1, chunk.stop)))
+    return pairs
+
+
 @dataclass
 class ReferenceFeatureStore:
-    """Features of an external reference at one step, written by its pass and read by the targets'."""
+    """What an external reference's pass leaves for the targets' pass at one step.
+
+    Keys name the place: a SelfAttentionLayer for attention features, a module path for a norm's input.
+    """
 
     recording: bool = True
-    features: dict[SelfAttentionLayer, ReferenceFeatures] = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
 
-    def record(self, layer: SelfAttentionLayer, query, key, value) -> None:
-        self.features[layer] = ReferenceFeatures(query, key, value)
+    def record(self, key, value) -> None:
+        self.features[key] = value
 
     def replay(self) -> "ReferenceFeatureStore":
         return ReferenceFeatureStore(recording=False, features=self.features)
 
-    def get(self, layer: SelfAttentionLayer) -> ReferenceFeatures:
+    def get(self, key):
         try:
-            return self.features[layer]
+            return self.features[key]
         except KeyError:
-            raise ReferenceError(f"the reference pass recorded nothing at layer {layer}") from None
+            raise ReferenceError(f"the reference pass recorded nothing at {key}") from None

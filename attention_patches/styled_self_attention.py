@@ -7,7 +7,7 @@ import torch
 
 from .attention import AttentionFunction
 from .layers import SelfAttentionLayer
-from .reference import REFERENCE_STORE_OPTION, ReferenceError, ReferenceFeatures, batch_chunks
+from .reference import REFERENCE_STORE_OPTION, ReferenceFeatures, in_batch_references
 
 
 class StyleMethod(Protocol):
@@ -51,18 +51,12 @@ class StyledSelfAttention:
             return self.attention(query, key, value, heads, attn_precision=precision)
         if store is not None:
             if store.recording:
-                store.record(self.layer, query, key, value)
+                store.record(self.layer, ReferenceFeatures(query, key, value))
                 return self.attention(query, key, value, heads, attn_precision=precision)
             return self.method(query, key, value, store.get(self.layer), heads, self.attention, precision)
 
         outputs = []
-        for chunk in batch_chunks(query.shape[0], extra_options["cond_or_uncond"]):
-            if chunk.stop - chunk.start < 2:
-                raise ReferenceError(
-                    "in-batch reference needs a latent batch of at least 2 (item 0 is the reference, the rest "
-                    "are targets); got 1. Raise batch_size, or connect a reference"
-                )
-            ref, targets = slice(chunk.start, chunk.start + 1), slice(chunk.start + 1, chunk.stop)
+        for ref, targets in in_batch_references(query.shape[0], extra_options["cond_or_uncond"]):
             reference = ReferenceFeatures(query[ref], key[ref], value[ref])
             outputs.append(self.attention(query[ref], key[ref], value[ref], heads, attn_precision=precision))
             outputs.append(

@@ -2,6 +2,7 @@
 
 from .batch_prompts import ReferenceTargetPrompts
 from .reference import StyleReferenceLatent
+from .style_aligned import StyleAlignedAttention
 from .visual_style_prompting import VisualStylePrompting
 
-NODES = [VisualStylePrompting, StyleReferenceLatent, ReferenceTargetPrompts]
+NODES = [VisualStylePrompting, StyleAlignedAttention, StyleReferenceLatent, ReferenceTargetPrompts]

@@ -1,7 +1,8 @@
 """An external style reference: a latent (e.g. a VAE-encoded image) and what it is conditioned on.
 
 At each sigma the reference is its forward-noised latent under a fixed seed. A separate forward
-pass of it records its self-attention features before the targets' pass uses them.
+pass of it records its features (self-attention inputs, norm inputs) before the targets' pass uses
+them.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..attention_patches.reference import REFERENCE_STORE_OPTION, ReferenceFeatureStore
+from ..attention_patches.shared_norm import ModelCall, ModelCallSlot
 from ..attention_patches.styled_self_attention import SigmaRange
 from .model_layers import latent_downscale
 
@@ -60,40 +62,49 @@ class LatentReference:
 
 
 @dataclass(frozen=True)
-class ExternalReferencePass:
-    """apply_model wrapper: run the reference alone to record its features, then the targets replaying them."""
+class ReferencePass:
+    """apply_model wrapper around each model call while the style is active.
 
-    reference: LatentReference
+    With an external reference it first runs the reference alone, recording its features, then the
+    targets replaying them. With shared norms it tells them the call's batch layout and store.
+    """
+
+    reference: LatentReference | None
     active_range: SigmaRange
+    norm_call: ModelCallSlot | None = None
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if not self.active_range.contains(float(t[0])):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        try:
+            if self.reference is None:
+                self._tell_norms(transformer_options["cond_or_uncond"], None)
+                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            store = self._record_reference(executor, t[:1], x, transformer_options)
+            self._tell_norms(transformer_options["cond_or_uncond"], store)
+            options = {**transformer_options, REFERENCE_STORE_OPTION: store}
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        finally:
+            self._tell_norms(None, None)
+
+    def _record_reference(self, executor, sigma, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
-        sigma = t[:1]
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
-        reference_inputs = self.reference.model_inputs(base_model, reference_x)
+        inputs = self.reference.model_inputs(base_model, reference_x)
         store = ReferenceFeatureStore()
-        reference_options = {**transformer_options, REFERENCE_STORE_OPTION: store, "cond_or_uncond": [0], "sigmas": sigma}
-        executor(
-            reference_x,
-            sigma,
-            reference_inputs.pop("c_concat", None),
-            reference_inputs.pop("c_crossattn", None),
-            None,
-            reference_options,
-            **reference_inputs,
-        )
-        target_options = {**transformer_options, REFERENCE_STORE_OPTION: store.replay()}
-        return executor(x, t, c_concat, c_crossattn, control, target_options, **kwargs)
+        self._tell_norms([0], store)
+        options = {**transformer_options, REFERENCE_STORE_OPTION: store, "cond_or_uncond": [0], "sigmas": sigma}
+        executor(reference_x, sigma, inputs.pop("c_concat", None), inputs.pop("c_crossattn", None), None, options,
+                 **inputs)
+        return store.replay()
+
+    def _tell_norms(self, cond_or_uncond, store) -> None:
+        if self.norm_call is not None:
+            self.norm_call.current = None if cond_or_uncond is None else ModelCall(cond_or_uncond, store)
 
 
-def install_reference_pass(model: comfy.model_patcher.ModelPatcher, reference: LatentReference, active_range: SigmaRange):
-    model.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.APPLY_MODEL,
-        REFERENCE_PASS_WRAPPER_KEY,
-        ExternalReferencePass(reference, active_range),
-    )
+def install_reference_pass(model: comfy.model_patcher.ModelPatcher, reference_pass: ReferencePass) -> None:
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, REFERENCE_PASS_WRAPPER_KEY, reference_pass)
 
 
 class StyleReferenceLatent(io.ComfyNode):

@@ -1,14 +1,13 @@
 """Visual Style Prompting (Jeong et al. 2024): in late self-attention the target keeps its queries and
 takes the reference's keys and values. Cross-attention is never touched."""
 
-import comfy.ldm.modules.attention
 from comfy_api.latest import io
 
 from ..attention_patches.kv_swap import KeyValueSwap
-from ..attention_patches.layers import LATE_SELF_ATTENTION, PRESETS, resolve_layers
-from ..attention_patches.styled_self_attention import StyledSelfAttention
+from ..attention_patches.layers import LATE_SELF_ATTENTION, resolve_layers
 from .model_layers import active_sigma_range, transformer_sites
-from .reference import StyleReference, install_reference_pass
+from .reference import ReferencePass, install_reference_pass
+from .style_inputs import install_styled_self_attention, layer_inputs, reference_input, schedule_inputs
 
 LAYERS_TOOLTIP = (
     "Which self-attention layers take the reference's keys and values. late_self_attention: the "
@@ -16,36 +15,6 @@ LAYERS_TOOLTIP = (
     "output blocks 6-11). custom: the custom_layers list."
 )
 
-def layer_inputs() -> list:
-    return [
-        io.Combo.Input("layers", options=list(PRESETS), default=LATE_SELF_ATTENTION, tooltip=LAYERS_TOOLTIP),
-        io.String.Input(
-            "custom_layers",
-            default="",
-            tooltip="Used when layers is custom: block.number (every depth) or block.number.index, comma "
-            "separated, e.g. output.3, output.4.1",
-        ),
-    ]
-
-def schedule_inputs() -> list:
-    return [
-        io.Float.Input(
-            "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-            tooltip="Fraction of the schedule (0 = first step) at which the style starts.",
-        ),
-        io.Float.Input(
-            "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-            tooltip="Fraction of the schedule at which the style stops (1 = last step).",
-        ),
-    ]
-
-def reference_input():
-    return StyleReference.Input(
-        "reference",
-        optional=True,
-        tooltip="An external reference (Style Reference node). Unconnected: latent batch item 0 is the "
-        "reference and the other items are styled after it.",
-    )
 
 class VisualStylePrompting(io.ComfyNode):
     @classmethod
@@ -58,7 +27,7 @@ class VisualStylePrompting(io.ComfyNode):
             "values in the selected layers (Visual Style Prompting, Jeong et al. 2024).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to style; it is cloned, never changed."),
-                *layer_inputs(),
+                *layer_inputs(LATE_SELF_ATTENTION, LAYERS_TOOLTIP),
                 io.Float.Input(
                     "strength", default=1.0, min=0.0, max=1.0, step=0.01,
                     tooltip="1 is the paper's swap; lower values blend toward the target's own attention; 0 is off.",
@@ -80,16 +49,7 @@ class VisualStylePrompting(io.ComfyNode):
         patched = model.clone()
         if strength == 0.0:
             return io.NodeOutput(patched)
-        method = KeyValueSwap(strength)
-        for layer in selected:
-            styled = StyledSelfAttention(
-                layer=layer,
-                method=method,
-                active_range=active_range,
-                attention=comfy.ldm.modules.attention.optimized_attention,
-                in_batch=reference is None,
-            )
-            patched.set_model_attn1_replace(styled, *layer)
+        install_styled_self_attention(patched, selected, KeyValueSwap(strength), active_range, in_batch=reference is None)
         if reference is not None:
-            install_reference_pass(patched, reference, active_range)
+            install_reference_pass(patched, ReferencePass(reference, active_range))
         return io.NodeOutput(patched)

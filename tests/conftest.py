@@ -36,7 +36,7 @@ import nodes  # noqa: E402
 import random_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
-PACK_NODE_IDS = ("VisualStylePrompting", "StyleReferenceLatent", "ReferenceTargetPrompts")
+PACK_NODE_IDS = ("VisualStylePrompting", "StyleAlignedAttention", "StyleReferenceLatent", "ReferenceTargetPrompts")
 
 
 class _LogCapture(logging.Handler):

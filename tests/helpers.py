@@ -98,3 +98,52 @@ def assert_relative_close(actual, expected, tolerance=1e-5):
     """||actual - expected|| <= tolerance * ||expected||: batch layout alone moves float32 results by ~1e-6."""
     error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
     assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
+
+
+def style_aligned(model, reference=None, share_attention=True, adain_queries=True, adain_keys=True,
+                  adain_values=False, shared_score_scale=1.0, shared_score_shift=0.0, shared_group_norm="auto",
+                  layers="all_self_attention", custom_layers="", start_percent=0.0, end_percent=1.0):
+    (patched,) = run_node("StyleAlignedAttention", model=model, share_attention=share_attention,
+                          adain_queries=adain_queries, adain_keys=adain_keys, adain_values=adain_values,
+                          shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
+                          shared_group_norm=shared_group_norm, layers=layers, custom_layers=custom_layers,
+                          start_percent=start_percent, end_percent=end_percent, reference=reference)
+    return patched
+
+
+def adain_by_hand(x, reference):
+    """Per channel over tokens, unbiased variance + 1e-5 (StyleAligned's calc_mean_std), in float64."""
+    x, reference = x.double(), reference.double()
+    mean, std = x.mean(1, keepdim=True), (x.var(1, keepdim=True) + 1e-5).sqrt()
+    ref_mean, ref_std = reference.mean(1, keepdim=True), (reference.var(1, keepdim=True) + 1e-5).sqrt()
+    return (x - mean) / std * ref_std + ref_mean
+
+
+def shared_attention_by_hand(q, k, v, ref_q, ref_k, ref_v, heads, adain_values=False, scale=1.0, shift=0.0):
+    """StyleAligned for targets q/k/v (b, n, c) and one reference (1, m, c), written out in float64."""
+    batch, tokens, inner = q.shape
+    d = inner // heads
+    q, k = adain_by_hand(q, ref_q), adain_by_hand(k, ref_k)
+    if adain_values:
+        v = adain_by_hand(v, ref_v)
+    keys = torch.cat([k.double(), scale * ref_k.double().expand(batch, -1, -1)], 1)
+    values = torch.cat([v.double(), ref_v.double().expand(batch, -1, -1)], 1)
+    split = lambda t: t.reshape(batch, t.shape[1], heads, d).permute(0, 2, 1, 3)  # noqa: E731
+    scores = split(q.double()) @ split(keys).transpose(-1, -2) / math.sqrt(d)
+    scores[..., k.shape[1]:] += shift
+    out = torch.softmax(scores, -1) @ split(values)
+    return out.permute(0, 2, 1, 3).reshape(batch, tokens, inner)
+
+
+def group_norm_by_hand(norm, x, reference=None):
+    """torch.nn.GroupNorm with statistics over x's positions and, when given, the reference's too."""
+    groups = norm.num_groups
+    batch, channels = x.shape[:2]
+    grouped = x.double().reshape(batch, groups, -1)
+    pooled = grouped if reference is None else torch.cat(
+        [grouped, reference.double().reshape(1, groups, -1).expand(batch, -1, -1)], 2)
+    mean = pooled.mean(2, keepdim=True)
+    var = pooled.var(2, unbiased=False, keepdim=True)
+    normalised = ((grouped - mean) / (var + norm.eps).sqrt()).reshape(x.shape)
+    shape = (1, channels) + (1,) * (x.ndim - 2)
+    return normalised * norm.weight.double().reshape(shape) + norm.bias.double().reshape(shape)

@@ -55,11 +55,11 @@ def test_batch_chunks_follow_cond_or_uncond():
 
 def test_reference_store_replays_what_was_recorded_and_names_missing_layers():
     store = reference.ReferenceFeatureStore()
-    tensors = [torch.ones(1, 2, 4) * i for i in range(3)]
-    store.record(("output", 3, 0), *tensors)
+    features = reference.ReferenceFeatures(*(torch.ones(1, 2, 4) * i for i in range(3)))
+    store.record(("output", 3, 0), features)
     replay = store.replay()
-    assert not replay.recording and replay.get(("output", 3, 0)).value is tensors[2]
-    with pytest.raises(reference.ReferenceError, match=r"recorded nothing at layer \('output', 4, 0\)"):
+    assert not replay.recording and replay.get(("output", 3, 0)) is features
+    with pytest.raises(reference.ReferenceError, match=r"recorded nothing at \('output', 4, 0\)"):
         replay.get(("output", 4, 0))
 
 

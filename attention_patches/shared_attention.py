@@ -1,0 +1,74 @@
+"""StyleAligned (Hertz et al. 2024): each target attends to [itself ; reference], with AdaIN of its
+queries and keys (optionally values) toward the reference's statistics."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionFunction
+from .reference import ReferenceFeatures
+
+ADAIN_EPS = 1e-5
+
+
+def mean_std(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, over tokens: (batch, tokens, channels) -> (batch, 1, channels) each.
+
+    The unbiased variance plus 1e-5 under the root, as the original code computes it.
+    """
+    return features.mean(dim=1, keepdim=True), (features.var(dim=1, keepdim=True) + ADAIN_EPS).sqrt()
+
+
+def adain(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Give each channel of features the reference's mean and standard deviation over tokens."""
+    mean, std = mean_std(features)
+    reference_mean, reference_std = mean_std(reference)
+    return (features - mean) / std * reference_std + reference_mean
+
+
+@dataclass(frozen=True)
+class SharedAttention:
+    """StyleAligned's self-attention for the targets.
+
+    share_attention: keys and values are [the target's ; the reference's]; otherwise only AdaIN acts.
+    score_scale multiplies the reference's keys (its attention scores); score_shift is added to the
+    scores of the reference part (the original uses log 2 for transfer from a real image).
+    """
+
+    share_attention: bool = True
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    score_scale: float = 1.0
+    score_shift: float = 0.0
+
+    def __call__(
+        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None
+    ) -> torch.Tensor:
+        if self.adain_queries:
+            query = adain(query, reference.query)
+        if self.adain_keys:
+            key = adain(key, reference.key)
+        if self.adain_values:
+            value = adain(value, reference.value)
+        if not self.share_attention:
+            return attention(query, key, value, heads, attn_precision=attn_precision)
+        batch = query.shape[0]
+        key = torch.cat([key, self.score_scale * reference.key.expand(batch, -1, -1)], dim=1)
+        value = torch.cat([value, reference.value.expand(batch, -1, -1)], dim=1)
+        if self.score_shift == 0.0:
+            return attention(query, key, value, heads, attn_precision=attn_precision)
+        own_tokens = key.shape[1] - reference.key.shape[1]
+        return shifted_attention(query, key, value, heads, own_tokens, self.score_shift)
+
+
+def shifted_attention(query, key, value, heads: int, own_tokens: int, shift: float) -> torch.Tensor:
+    """Attention whose scores for keys after the first own_tokens get shift added (before the softmax)."""
+    batch, _, inner_dim = query.shape
+    dim_head = inner_dim // heads
+    bias = torch.zeros(key.shape[1], dtype=query.dtype, device=query.device)
+    bias[own_tokens:] = shift
+    query, key, value = (t.reshape(batch, -1, heads, dim_head).transpose(1, 2) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias[None, :])
+    return out.transpose(1, 2).reshape(batch, -1, inner_dim)
