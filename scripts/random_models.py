@@ -186,3 +186,18 @@ def save_demo_sd15_checkpoint(path: str, seed: int = 0) -> None:
     state_dict = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
     state_dict = {key: value.to(torch.float16) if value.is_floating_point() else value for key, value in state_dict.items()}
     comfy.utils.save_torch_file(state_dict, path, metadata={"style_attention_nodes": "random weights, not a model"})
+
+
+def tiny_controlnet(unet_config: dict, seed: int = 0):
+    """A ControlNet with random weights matching a tiny UNet (an image hint, 8x the latent size)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    unused = ("out_channels", "use_temporal_attention", "use_temporal_resblock", "dtype")
+    config = {key: value for key, value in unet_config.items() if key not in unused}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, device="cpu", dtype=torch.float32,
+                                               operations=comfy.ops.disable_weight_init, **config)
+    randomize_parameters(control_model, seed + 3)
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device(),
+                                       manual_cast_dtype=None)

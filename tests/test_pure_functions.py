@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import pack_submodule
+from helpers import adain_by_hand, group_norm_by_hand, shared_attention_by_hand
 
 attention = pack_submodule("attention_patches.attention")
 kv_swap = pack_submodule("attention_patches.kv_swap")
@@ -92,3 +93,59 @@ def test_stack_token_sequences_repeats_to_the_common_length():
     assert stacked.shape == (2, 154, 4)
     assert torch.equal(stacked[0, :77], short[0]) and torch.equal(stacked[0, 77:], short[0])
     assert torch.equal(stacked[1], long[0])
+
+
+shared_attention = pack_submodule("attention_patches.shared_attention")
+shared_norm = pack_submodule("attention_patches.shared_norm")
+
+
+def test_adain_gives_the_reference_statistics_per_channel():
+    g = torch.Generator().manual_seed(2)
+    x, ref = torch.randn(2, 10, 6, generator=g), torch.randn(1, 7, 6, generator=g) * 3 + 1
+    out = shared_attention.adain(x, ref)
+    torch.testing.assert_close(adain_by_hand(x, ref), out.double(), **FLOAT32)
+    torch.testing.assert_close(out.mean(1), ref.mean(1).expand(2, -1), **FLOAT32)
+
+
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (0.5, 0.693)])
+def test_shared_attention_matches_the_formula(scale, shift):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    ref = reference.ReferenceFeatures(*(torch.randn(1, 4, 8, generator=g) for _ in range(3)))
+    method = shared_attention.SharedAttention(score_scale=scale, score_shift=shift, adain_values=True)
+    out = method(q, k, v, ref, 2, attention.scaled_dot_product_attention)
+    expected = shared_attention_by_hand(q, k, v, ref.query, ref.key, ref.value, 2, adain_values=True, scale=scale,
+                                        shift=shift)
+    torch.testing.assert_close(out.double(), expected, **FLOAT32)
+
+
+def test_shared_group_norm_in_batch_and_from_a_recorded_reference():
+    norm = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    slot = shared_norm.ModelCallSlot()
+    shared = shared_norm.SharedGroupNorm(norm, "n", slot)
+    x = torch.randn(6, 8, 3, 5)
+    assert torch.equal(shared(x), norm(x))  # no model call in progress: the plain norm
+
+    slot.current = shared_norm.ModelCall([0, 1], None)
+    out = shared(x)
+    for start in (0, 3):
+        torch.testing.assert_close(out[start].double(), group_norm_by_hand(norm, x[start:start + 1])[0], **FLOAT32)
+        expected = group_norm_by_hand(norm, x[start + 1:start + 3], x[start:start + 1])
+        torch.testing.assert_close(out[start + 1:start + 3].double(), expected, **FLOAT32)
+
+    store = reference.ReferenceFeatureStore()
+    external = torch.randn(1, 8, 4, 4)  # another size than the targets
+    slot.current = shared_norm.ModelCall([0], store)
+    assert torch.equal(shared(external), norm(external))
+    slot.current = shared_norm.ModelCall([0, 1], store.replay())
+    torch.testing.assert_close(shared(x).double(), group_norm_by_hand(norm, x, external), **FLOAT32)
+
+
+def test_sharing_a_layer_norm_would_change_nothing():
+    """Why LayerNorm is not shared: normalising [target ; reference] tokens jointly is the plain LayerNorm."""
+    norm = torch.nn.LayerNorm(8)
+    target, ref = torch.randn(2, 5, 8), torch.randn(1, 3, 8)
+    joined = norm(torch.cat([target, ref.expand(2, -1, -1)], dim=1))[:, :5]
+    torch.testing.assert_close(joined, norm(target))
