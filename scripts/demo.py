@@ -1,4 +1,4 @@
-"""`make demo`: run the Visual Style Prompting example workflows headless through a real ComfyUI server.
+"""`make demo`: run the SD1.5 example workflows headless through a real ComfyUI server.
 
 CKPT=/path/to/model.safetensors runs them on your SD1.5 checkpoint, exactly as saved. Without it,
 a checkpoint with random weights (generated once) stands in; random weights draw noise, not
@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
 OUTPUT_DIR = REPO / "output"
 RANDOM_CHECKPOINT = REPO / ".comfyui" / "RANDOM-WEIGHTS-NOT-A-MODEL-sd15.safetensors"
-WORKFLOWS = ["visual_style_prompting_in_batch.json", "visual_style_prompting_reference_image.json"]
+# Every example workflow for SD1.5: the SDXL ones need an SDXL checkpoint (run them from the frontend).
+WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json") if "sdxl" not in path.stem)
 
 sys.path.insert(0, str(REPO / "scripts"))
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
