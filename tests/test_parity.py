@@ -6,7 +6,8 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-from helpers import assert_relative_close, run_node, vsp
+from helpers import assert_relative_close, run_node, style_aligned, vsp
+from reference import style_aligned as reference_style_aligned
 from reference import vsp as reference_vsp
 from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
 from reference.models import twin_models
@@ -101,37 +102,89 @@ def test_vsp_in_batch_sampling_parity(twins):
     noise = start_noise(3)
     comfy_out = comfy_sample(vsp(twins.comfy_model), prompts, 4, 4.0, noise)
     vsp_in_batch_reference(twins)
-    scheduler = sd_scheduler()
-    scheduler.set_timesteps(4)
-    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
-    expected = ddim_sample(twins.diffusers_unet, sd_scheduler(), start, 4, prompts, 4.0)
+    expected = reference_sample(twins, prompts, noise)
     assert_relative_close(comfy_out * scale_factor(twins), expected, TOLERANCE)
 
 
-def test_vsp_external_reference_sampling_parity(twins):
-    prompts = random_prompts(twins, batch=2)
-    reference_prompts = random_prompts(twins, batch=1, seed=5)
-    reference_latent = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
-    noise = start_noise(2)
+class ExternalReferenceCase:
+    """A reference latent with its own prompt, as the ComfyUI node takes it and as the reference runs it alone."""
 
-    (reference,) = run_node("StyleReferenceLatent", latent={"samples": reference_latent}, clip=None, prompt="",
-                            reference_seed=9, conditioning=reference_prompts.comfy_conditioning()[0])
-    comfy_out = comfy_sample(vsp(twins.comfy_model, reference=reference), prompts, 4, 4.0, noise)
+    def __init__(self, twins):
+        self.twins = twins
+        self.prompts = random_prompts(twins, batch=1, seed=5)
+        self.latent = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
+        (self.node_output,) = run_node("StyleReferenceLatent", latent={"samples": self.latent}, clip=None, prompt="",
+                                       reference_seed=9, conditioning=self.prompts.comfy_conditioning()[0])
+
+    def run_alone_before_each_call(self, scheduler, external):
+        noise = comfy.sample.prepare_noise(self.latent, 9)
+        clean = self.latent * scale_factor(self.twins)
+
+        def run_reference_alone(timestep):
+            external.recording = True
+            noisy = scheduler.add_noise(clean, noise, torch.tensor([int(timestep)]))
+            unet_eps(self.twins.diffusers_unet, noisy, timestep, self.prompts.cond, self.prompts.pooled_cond, SIZE,
+                     SIZE)
+            external.recording = False
+
+        return run_reference_alone
+
+
+def reference_sample(twins, prompts, noise, before_call=None):
+    scheduler = sd_scheduler()
+    scheduler.set_timesteps(4)
+    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
+    hook = before_call(scheduler) if before_call else None
+    return ddim_sample(twins.diffusers_unet, scheduler, start, 4, prompts, 4.0, before_call=hook)
+
+
+def test_vsp_external_reference_sampling_parity(twins):
+    prompts, noise = random_prompts(twins, batch=2), start_noise(2)
+    case = ExternalReferenceCase(twins)
+    comfy_out = comfy_sample(vsp(twins.comfy_model, reference=case.node_output), prompts, 4, 4.0, noise)
 
     unet = twins.diffusers_unet
     external = reference_vsp.ExternalReference()
     reference_vsp.install(unet, self_attention_processor_names(unet, late_up_blocks(unet)), external=external)
-    scheduler = sd_scheduler()
-    reference_noise = comfy.sample.prepare_noise(reference_latent, 9)
-    clean = reference_latent * scale_factor(twins)
+    expected = reference_sample(twins, prompts, noise, lambda s: case.run_alone_before_each_call(s, external))
+    assert_relative_close(comfy_out * scale_factor(twins), expected, TOLERANCE)
 
-    def run_reference_alone(timestep):
-        external.recording = True
-        noisy = scheduler.add_noise(clean, reference_noise, torch.tensor([int(timestep)]))
-        unet_eps(unet, noisy, timestep, reference_prompts.cond, reference_prompts.pooled_cond, SIZE, SIZE)
-        external.recording = False
 
-    scheduler.set_timesteps(4)
-    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
-    expected = ddim_sample(unet, scheduler, start, 4, prompts, 4.0, before_call=run_reference_alone)
+def all_self_attention(unet):
+    return [name for name in unet.attn_processors if name.endswith("attn1.processor")]
+
+
+SA_OPTIONS = {"adain_values": True, "score_scale": 0.9, "score_shift": 0.693}
+
+
+def style_aligned_node(model, reference=None):
+    return style_aligned(model, reference=reference, adain_values=True, shared_score_scale=0.9,
+                         shared_score_shift=0.693, shared_group_norm="on")
+
+
+def test_style_aligned_in_batch_denoiser_and_sampling_parity(twins):
+    prompts, noise = random_prompts(twins, batch=3), start_noise(3)
+    styled = style_aligned_node(twins.comfy_model)
+    comfy_x0, sigma = comfy_denoise(styled, prompts, 501, 4.0, noise)
+    comfy_out = comfy_sample(styled, prompts, 4, 4.0, noise)
+
+    unet = twins.diffusers_unet
+    reference_style_aligned.install(unet, all_self_attention(unet), **SA_OPTIONS)
+    with reference_style_aligned.shared_group_norms(unet):
+        expected_x0 = denoise(unet, sd_scheduler(), noise * sigma, 501, prompts, 4.0)
+        expected_out = reference_sample(twins, prompts, noise)
+    assert_relative_close(comfy_x0 * scale_factor(twins), expected_x0, TOLERANCE)
+    assert_relative_close(comfy_out * scale_factor(twins), expected_out, TOLERANCE)
+
+
+def test_style_aligned_external_reference_sampling_parity(twins):
+    prompts, noise = random_prompts(twins, batch=2), start_noise(2)
+    case = ExternalReferenceCase(twins)
+    comfy_out = comfy_sample(style_aligned_node(twins.comfy_model, case.node_output), prompts, 4, 4.0, noise)
+
+    unet = twins.diffusers_unet
+    external = reference_style_aligned.ExternalReference()
+    reference_style_aligned.install(unet, all_self_attention(unet), external=external, **SA_OPTIONS)
+    with reference_style_aligned.shared_group_norms(unet, external=external):
+        expected = reference_sample(twins, prompts, noise, lambda s: case.run_alone_before_each_call(s, external))
     assert_relative_close(comfy_out * scale_factor(twins), expected, TOLERANCE)

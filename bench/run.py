@@ -1,0 +1,144 @@
+"""Wall time of the style nodes against plain sampling of the same images, in one run.
+
+Each configuration samples a batch of 4 (item 0 is the in-batch reference) with cfg, so every model
+call carries 8 images. Ratios are (style time) / (plain time), best of --repeats after a warm-up.
+
+    make bench                       # tiny UNet at 64x64 and full-size random SD1.5 at 256x256 on CPU
+    python bench/run.py --gpu        # real sizes on a GPU: SD1.5 at 512x512, SDXL at 1024x1024
+"""
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
+sys.path[:0] = [str(COMFYUI_DIR), str(REPO / "scripts")]
+
+import utils.install_util  # noqa: E402,F401  ComfyUI's utils package first, as its main.py does
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing(False)
+from comfy.cli_args import args  # noqa: E402
+
+GPU = "--gpu" in sys.argv
+args.cpu = not GPU
+
+import asyncio  # noqa: E402
+
+import torch  # noqa: E402
+
+import comfy.model_management  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import nodes  # noqa: E402
+import random_models  # noqa: E402
+
+FULL_SD15_UNET = {
+    **random_models.TINY_SD15_UNET,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "context_dim": 768,
+}
+FULL_SDXL_UNET = {
+    **random_models.TINY_SDXL_UNET,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_middle": 10,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+}
+BATCH = 4
+
+
+def build(name):
+    """(model patcher, context dim, pooled dim) with random weights; no text encoder is needed."""
+    if name == "tiny":
+        return random_models.tiny_sd15(seed=0).model, 32, None
+    if name == "sd15":
+        config = comfy.supported_models.SD15(copy.deepcopy(FULL_SD15_UNET))
+        return random_models._model_patcher(config, seed=0), 768, None
+    config = comfy.supported_models.SDXL(copy.deepcopy(FULL_SDXL_UNET))
+    return random_models._model_patcher(config, seed=0), 2048, 1280
+
+
+def conditioning(context_dim, pooled_dim, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    extras = {} if pooled_dim is None else {"pooled_output": torch.randn(batch, pooled_dim, generator=g)}
+    return [[torch.randn(batch, 77, context_dim, generator=g), extras]]
+
+
+def pack_node(node_id, **inputs):
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).args[0]
+
+
+def timed_sample(model, positive, negative, latent, steps, repeats):
+    noise = comfy.sample.prepare_noise(latent, 0)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up (loading, allocator, kernels)
+        if GPU:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
+                            disable_pbar=True, seed=0)
+        if GPU:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def run(name, side, steps, repeats):
+    model, context_dim, pooled_dim = build(name)
+    latent = torch.zeros(BATCH, 4, side // 8, side // 8)
+    positive = conditioning(context_dim, pooled_dim, BATCH, 1)
+    negative = conditioning(context_dim, pooled_dim, BATCH, 2)
+    reference = pack_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 4, side // 8, side // 8)},
+                          clip=None, prompt="", reference_seed=0,
+                          conditioning=conditioning(context_dim, pooled_dim, 1, 3))
+    configurations = {
+        "plain": model,
+        "VSP in-batch": pack_node("VisualStylePrompting", model=model, layers="late_self_attention", custom_layers="",
+                                  strength=1.0, start_percent=0.0, end_percent=1.0),
+        "VSP reference latent": pack_node("VisualStylePrompting", model=model, layers="late_self_attention",
+                                          custom_layers="", strength=1.0, start_percent=0.0, end_percent=1.0,
+                                          reference=reference),
+    }
+    for label, group_norm in (("StyleAligned in-batch", "auto"), ("StyleAligned reference latent", "auto")):
+        configurations[label] = pack_node(
+            "StyleAlignedAttention", model=model, share_attention=True, adain_queries=True, adain_keys=True,
+            adain_values=False, shared_score_scale=1.0, shared_score_shift=0.0, shared_group_norm=group_norm,
+            layers="all_self_attention", custom_layers="", start_percent=0.0, end_percent=1.0,
+            reference=reference if "reference" in label else None)
+    times = {label: timed_sample(m, positive, negative, latent, steps, repeats) for label, m in configurations.items()}
+    print(f"\n{name} UNet, {side}x{side} ({side // 8}x{side // 8} latents), batch {BATCH} with cfg, {steps} steps, "
+          f"{'GPU ' + torch.cuda.get_device_name() if GPU else f'CPU ({torch.get_num_threads()} threads)'}")
+    for label, seconds in times.items():
+        print(f"  {label:32s} {seconds:8.2f} s   {seconds / times['plain']:5.2f}x plain")
+    comfy.model_management.unload_all_models()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="real sizes on CUDA: SD1.5 512x512, SDXL 1024x1024")
+    parser.add_argument("--repeats", type=int, default=2)
+    options = parser.parse_args()
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if options.gpu:
+        run("sd15", 512, 20, options.repeats)
+        run("sdxl", 1024, 20, options.repeats)
+    else:
+        run("tiny", 64, 10, options.repeats)
+        run("sd15", 256, 3, options.repeats)
+
+
+if __name__ == "__main__":
+    main()
