@@ -1,8 +1,17 @@
 """ComfyUI nodes: the only layer that imports comfy."""
 
 from .batch_prompts import ReferenceTargetPrompts
+from .ddim_inversion import DDIMInversion, LoadInversion, SaveInversion
 from .reference import StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
 from .visual_style_prompting import VisualStylePrompting
 
-NODES = [VisualStylePrompting, StyleAlignedAttention, StyleReferenceLatent, ReferenceTargetPrompts]
+NODES = [
+    VisualStylePrompting,
+    StyleAlignedAttention,
+    StyleReferenceLatent,
+    ReferenceTargetPrompts,
+    DDIMInversion,
+    SaveInversion,
+    LoadInversion,
+]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -94,6 +95,13 @@ class TinySDXL(comfy.supported_models.SDXL):
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
+class TinySD15VPrediction(comfy.supported_models.SD15):
+    """SD1.5-shaped, predicting v (as SD2.x 768-v models do)."""
+
+    def model_type(self, state_dict, prefix=""):
+        return comfy.model_base.ModelType.V_PREDICTION
+
+
 def randomize_parameters(module: torch.nn.Module, seed: int) -> None:
     """Give every parameter random values of torch.nn's default scale.
 
@@ -153,8 +161,9 @@ def _vae(ddconfig: dict, seed: int) -> comfy.sd.VAE:
     )
 
 
-def tiny_sd15(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
-    model_config = comfy.supported_models.SD15(copy.deepcopy(unet_config or TINY_SD15_UNET))
+def tiny_sd15(seed: int = 0, unet_config: dict | None = None, v_prediction: bool = False) -> RandomModels:
+    config_class = TinySD15VPrediction if v_prediction else comfy.supported_models.SD15
+    model_config = config_class(copy.deepcopy(unet_config or TINY_SD15_UNET))
     return RandomModels(
         model=_model_patcher(model_config, seed),
         clip=_clip(model_config, {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG}, seed),

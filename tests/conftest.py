@@ -36,7 +36,8 @@ import nodes  # noqa: E402
 import random_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
-PACK_NODE_IDS = ("VisualStylePrompting", "StyleAlignedAttention", "StyleReferenceLatent", "ReferenceTargetPrompts")
+PACK_NODE_IDS = ("VisualStylePrompting", "StyleAlignedAttention", "StyleReferenceLatent", "ReferenceTargetPrompts",
+                 "DDIMInversion", "SaveInversion", "LoadInversion")
 
 
 class _LogCapture(logging.Handler):

@@ -26,8 +26,9 @@ def test_every_input_has_a_tooltip_and_nodes_share_one_category_root():
     for node_id in PACK_NODE_IDS:
         node_class = nodes.NODE_CLASS_MAPPINGS[node_id]
         assert node_class.CATEGORY.split("/")[0] == "style_attention", node_id
-        for section in node_class.INPUT_TYPES().values():
-            for name, spec in section.items():
+        input_types = node_class.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in input_types.get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 

@@ -1,0 +1,107 @@
+"""DDIM inversion in ComfyUI's sigma space: a latent walked up the noise schedule.
+
+A latent x at noise level sigma is x0 + sigma * eps (what ComfyUI's k-diffusion samplers hold).
+DDIM with eta 0 moves between levels along eps: x_next = x + (sigma_next - sigma) * eps. Inversion
+takes the ascending schedule. As in diffusers' DDIMInverseScheduler and the papers' inversion code,
+the step sigma -> sigma_next predicts eps from the current latent labelled with sigma_next (at the
+first step sigma is 0, where nothing else is defined): the model sees the current latent scaled as
+it would be at sigma, i.e. the denoiser is called on x * c_in(sigma) / c_in(sigma_next).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per item) -> predicted x0
+
+
+class ScheduleMismatchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class InversionTrajectory:
+    """The inverted latent at every sigma of an ascending schedule (model space, before decoding)."""
+
+    sigmas: torch.Tensor  # (steps + 1,), ascending from 0
+    latents: torch.Tensor  # (steps + 1, batch, channels, height, width)
+
+    def latent_at(self, sigma: float, tolerance: float = 1e-4) -> torch.Tensor:
+        """The latent at a sigma of the schedule; any other sigma is an error (schedules must match)."""
+        distance = (self.sigmas - sigma).abs()
+        index = int(distance.argmin())
+        if distance[index] > tolerance * max(1.0, abs(sigma)):
+            raise ScheduleMismatchError(
+                f"sigma {sigma:.4f} is not in the inversion's schedule ({len(self.sigmas) - 1} steps, "
+                f"sigmas {self.sigmas[1]:.4f} to {self.sigmas[-1]:.4f}); sample with the steps and scheduler "
+                "the inversion used"
+            )
+        return self.latents[index]
+
+    @property
+    def top(self) -> torch.Tensor:
+        return self.latents[-1]
+
+
+@torch.no_grad()
+def invert(
+    denoise: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    input_scale: Callable[[torch.Tensor], torch.Tensor],
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> InversionTrajectory:
+    """Walk x (clean, at sigmas[0] = 0) up the ascending sigmas; return every intermediate latent.
+
+    input_scale(sigma) is the model's c_in at sigma (1 / sqrt(sigma^2 + sigma_data^2) for eps and
+    v-prediction models). on_step(i, x, denoised) is called after each step.
+    """
+    if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
+        raise ValueError("inversion needs an ascending schedule of at least two sigmas")
+    latents = [x]
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        labelled = x * (input_scale(sigma) / input_scale(sigma_next))
+        denoised = denoise(labelled, sigma_next * ones)
+        eps = (labelled - denoised) / sigma_next
+        x = x + (sigma_next - sigma) * eps
+        latents.append(x)
+        if on_step is not None:
+            on_step(i, x, denoised)
+    return InversionTrajectory(sigmas=sigmas.detach().cpu().float(), latents=torch.stack(latents).cpu())
+
+
+TRAJECTORY_FORMAT = "style-attention-nodes/inversion-trajectory/1"
+
+
+def save_trajectory(trajectory: InversionTrajectory, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write to a .safetensors file atomically: a failed write leaves no partial file behind."""
+    import os
+
+    from safetensors.torch import save_file
+
+    partial = f"{path}.partial"
+    try:
+        save_file(
+            {"sigmas": trajectory.sigmas.contiguous(), "latents": trajectory.latents.contiguous()},
+            partial,
+            metadata={**(metadata or {}), "format": TRAJECTORY_FORMAT},
+        )
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def load_trajectory(path: str) -> InversionTrajectory:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as archive:
+        if (archive.metadata() or {}).get("format") != TRAJECTORY_FORMAT:
+            raise ValueError(f"{path} is not an inversion saved by Save Inversion")
+        sigmas, latents = archive.get_tensor("sigmas"), archive.get_tensor("latents")
+    if sigmas.ndim != 1 or latents.ndim != 5 or latents.shape[0] != sigmas.shape[0]:
+        raise ValueError(f"{path}: inconsistent inversion (sigmas {tuple(sigmas.shape)}, latents {tuple(latents.shape)})")
+    return InversionTrajectory(sigmas=sigmas, latents=latents)

@@ -1,0 +1,132 @@
+"""DDIM inversion: the latent that sampling back with the same schedule turns into the given image,
+and the whole trajectory up the schedule (an INVERSION) for style references."""
+
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import folder_paths
+import latent_preview
+from comfy_api.latest import io
+
+from ..inversion.ddim import InversionTrajectory, invert, load_trajectory, save_trajectory
+
+Inversion = io.Custom("INVERSION")
+INVERSION_SUFFIX = ".inversion.safetensors"
+
+
+def run_inversion(model, samples, positive, negative, steps, cfg, scheduler) -> tuple[torch.Tensor, InversionTrajectory]:
+    """Through ComfyUI's CFG guider (model loading, conds, patches, ControlNet), as a sampler on ascending sigmas."""
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).flip(0)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    preview = latent_preview.prepare_callback(model, steps)
+    trajectories = []
+
+    def input_scale(sigma):
+        return model_sampling.calculate_input(sigma.reshape(1), torch.ones(1, device=sigma.device)).reshape(())
+
+    def sampler_function(denoiser, x, sigmas, extra_args=None, callback=None, disable=None):
+        def on_step(i, x, denoised):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback({"i": i, "x": x, "denoised": denoised, "sigma": sigmas[i + 1], "sigma_hat": sigmas[i + 1]})
+
+        trajectory = invert(lambda x, s: denoiser(x, s, **extra_args), x, sigmas, input_scale, on_step)
+        trajectories.append(trajectory)
+        return trajectory.top.to(x)
+
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)
+    inverted = guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(sampler_function), sigmas,
+                             callback=preview, disable_pbar=True, seed=0)
+    return inverted.to(comfy.model_management.intermediate_device()), trajectories[0]
+
+
+class DDIMInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DDIMInversion",
+            display_name="DDIM Inversion",
+            category="style_attention/inversion",
+            description="Walks a latent up the noise schedule (DDIM with eta 0, reversed). Sampling the result with "
+            "the same steps, scheduler and cfg, the euler or ddim sampler and no added noise gives the latent back.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to invert with (eps or v-prediction)."),
+                io.Latent.Input("latent", tooltip="The image to invert, VAE-encoded."),
+                io.Conditioning.Input("positive", tooltip="What the image shows; sample with the same prompt."),
+                io.Conditioning.Input("negative", tooltip="Used when cfg is not 1."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Sample with the same number of steps."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="1 inverts most faithfully; sample back with the same cfg."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                               tooltip="Sample with the same scheduler (ddim_uniform + euler is exactly DDIM)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="inverted_latent"),
+                Inversion.Output(display_name="inversion"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, positive, negative, steps, cfg, scheduler) -> io.NodeOutput:
+        inverted, trajectory = run_inversion(model, latent["samples"], positive, negative, steps, cfg, scheduler)
+        return io.NodeOutput({**latent, "samples": inverted}, trajectory)
+
+
+class SaveInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveInversion",
+            display_name="Save Inversion",
+            category="style_attention/inversion",
+            description="Writes an INVERSION to output/inversions/ as .safetensors, so a reference is inverted once. "
+            "Move it to input/ (or pick the [output] entry) to load it.",
+            inputs=[
+                Inversion.Input("inversion", tooltip="From DDIM Inversion."),
+                io.String.Input("filename_prefix", default="inversions/reference",
+                                tooltip="Path under the output folder, without extension."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
+        path = os.path.join(folder, f"{name}_{counter:05}_{INVERSION_SUFFIX}")
+        save_trajectory(inversion, path)
+        return io.NodeOutput()
+
+
+def inversion_files() -> list[str]:
+    found = []
+    for annotation, root in (("", folder_paths.get_input_directory()), (" [output]", folder_paths.get_output_directory())):
+        for folder, _, files in os.walk(root):
+            for file in files:
+                if file.endswith(INVERSION_SUFFIX):
+                    found.append(os.path.relpath(os.path.join(folder, file), root) + annotation)
+    return sorted(found)
+
+
+class LoadInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadInversion",
+            display_name="Load Inversion",
+            category="style_attention/inversion",
+            inputs=[io.Combo.Input("inversion", options=inversion_files(),
+                                   tooltip="An inversion saved by Save Inversion (input/ or [output]).")],
+            outputs=[Inversion.Output(display_name="inversion")],
+        )
+
+    @classmethod
+    def execute(cls, inversion) -> io.NodeOutput:
+        return io.NodeOutput(load_trajectory(folder_paths.get_annotated_filepath(inversion)))
