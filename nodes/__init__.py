@@ -2,7 +2,7 @@
 
 from .batch_prompts import ReferenceTargetPrompts
 from .ddim_inversion import DDIMInversion, LoadInversion, SaveInversion
-from .reference import StyleReferenceLatent
+from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
 from .visual_style_prompting import VisualStylePrompting
 
@@ -10,6 +10,7 @@ NODES = [
     VisualStylePrompting,
     StyleAlignedAttention,
     StyleReferenceLatent,
+    StyleReferenceInversion,
     ReferenceTargetPrompts,
     DDIMInversion,
     SaveInversion,

@@ -13,8 +13,8 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..inversion.ddim import InversionTrajectory, invert, load_trajectory, save_trajectory
+from .reference import Inversion
 
-Inversion = io.Custom("INVERSION")
 INVERSION_SUFFIX = ".inversion.safetensors"
 
 

@@ -1,8 +1,9 @@
-"""An external style reference: a latent (e.g. a VAE-encoded image) and what it is conditioned on.
+"""External style references: a latent (e.g. a VAE-encoded image) or a DDIM inversion, and what it
+is conditioned on.
 
-At each sigma the reference is its forward-noised latent under a fixed seed. A separate forward
-pass of it records its features (self-attention inputs, norm inputs) before the targets' pass uses
-them.
+At each sigma the reference is its forward-noised latent under a fixed seed, or the latent its
+inversion reached there. A separate forward pass of it records its features (self-attention
+inputs, norm inputs) before the targets' pass uses them.
 """
 
 from dataclasses import dataclass
@@ -19,22 +20,26 @@ from comfy_api.latest import io
 from ..attention_patches.reference import REFERENCE_STORE_OPTION, ReferenceFeatureStore
 from ..attention_patches.shared_norm import ModelCall, ModelCallSlot
 from ..attention_patches.styled_self_attention import SigmaRange
+from ..inversion.ddim import InversionTrajectory
 from .model_layers import latent_downscale
 
 StyleReference = io.Custom("STYLE_REFERENCE")
+Inversion = io.Custom("INVERSION")
 
 REFERENCE_PASS_WRAPPER_KEY = "style_attention_nodes.reference_pass"
 
 
-@dataclass(frozen=True)
-class LatentReference:
-    latent: torch.Tensor  # (1, C, H, W), as a LATENT holds it (before the model's latent scaling)
-    noise: torch.Tensor  # same shape, drawn once from the seed
+@dataclass(frozen=True, kw_only=True)
+class ExternalReference:
+    """A reference run alone at each step: its state at a sigma comes from a subclass."""
+
     conditioning: list  # a CONDITIONING with one entry
 
     def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
-        clean = base_model.process_latent_in(self.latent)
-        return base_model.model_sampling.noise_scaling(sigma, self.noise, clean)
+        raise NotImplementedError
+
+    def latent_shape(self) -> torch.Size:
+        raise NotImplementedError
 
     def model_inputs(self, base_model, noisy: torch.Tensor) -> dict:
         """apply_model's keyword inputs (c_crossattn, y, ...) for the reference, batch 1."""
@@ -46,19 +51,56 @@ class LatentReference:
         }
 
     def validate_for(self, model: comfy.model_patcher.ModelPatcher, input_name: str) -> None:
+        shape = self.latent_shape()
         channels = model.get_model_object("latent_format").latent_channels
-        if self.latent.shape[1] != channels:
+        if shape[1] != channels:
             raise ValueError(
-                f"{input_name}: the reference latent has {self.latent.shape[1]} channels but this model's latents "
+                f"{input_name}: the reference latent has {shape[1]} channels but this model's latents "
                 f"have {channels}; encode the reference image with this model's VAE"
             )
         multiple = 2 ** latent_downscale(model)
-        height, width = self.latent.shape[-2:]
+        height, width = shape[-2:]
         if height % multiple or width % multiple:
             raise ValueError(
                 f"{input_name}: the reference latent is {height}x{width}; this UNet needs sides divisible by "
                 f"{multiple} (images divisible by {multiple * 8} pixels)"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentReference(ExternalReference):
+    """Forward-noised to each sigma with noise drawn once from a seed."""
+
+    latent: torch.Tensor  # (1, C, H, W), as a LATENT holds it (before the model's latent scaling)
+    noise: torch.Tensor  # same shape
+
+    def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
+        clean = base_model.process_latent_in(self.latent)
+        return base_model.model_sampling.noise_scaling(sigma, self.noise, clean)
+
+    def latent_shape(self) -> torch.Size:
+        return self.latent.shape
+
+
+@dataclass(frozen=True, kw_only=True)
+class InversionReference(ExternalReference):
+    """At each sigma, the latent its DDIM inversion reached there (sample with the inversion's schedule)."""
+
+    trajectory: InversionTrajectory
+
+    def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
+        return self.trajectory.latent_at(float(sigma[0]))
+
+    def latent_shape(self) -> torch.Size:
+        return self.trajectory.latents.shape[1:]
+
+
+def reference_conditioning(clip, prompt: str, conditioning) -> list:
+    if conditioning is None:
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    if len(conditioning) != 1:
+        raise ValueError(f"conditioning: expected a single conditioning entry, got {len(conditioning)}")
+    return conditioning
 
 
 @dataclass(frozen=True)
@@ -69,7 +111,7 @@ class ReferencePass:
     targets replaying them. With shared norms it tells them the call's batch layout and store.
     """
 
-    reference: LatentReference | None
+    reference: ExternalReference | None
     active_range: SigmaRange
     norm_call: ModelCallSlot | None = None
 
@@ -150,9 +192,34 @@ class StyleReferenceLatent(io.ComfyNode):
                 f"latent: expected one image latent of shape (1, C, H, W), got {tuple(samples.shape)}; "
                 "pick one image with Latent From Batch"
             )
-        if conditioning is None:
-            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        if len(conditioning) != 1:
-            raise ValueError(f"conditioning: expected a single conditioning entry, got {len(conditioning)}")
         noise = comfy.sample.prepare_noise(samples, reference_seed)
-        return io.NodeOutput(LatentReference(samples.float(), noise.float(), conditioning))
+        conditioning = reference_conditioning(clip, prompt, conditioning)
+        return io.NodeOutput(LatentReference(conditioning=conditioning, latent=samples.float(), noise=noise.float()))
+
+
+class StyleReferenceInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StyleReferenceInversion",
+            display_name="Style Reference (Inversion)",
+            category="style_attention/reference",
+            description="A style reference from a real image's DDIM inversion: at each step the style nodes see the "
+            "latent the inversion reached at that sigma. Sample with the inversion's steps and scheduler.",
+            inputs=[
+                Inversion.Input("inversion", tooltip="From DDIM Inversion or Load Inversion (one image)."),
+                io.Clip.Input("clip", tooltip="Encodes the reference's own prompt."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="What the reference shows; best the prompt it was inverted with."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Overrides clip + prompt: the reference's own conditioning (one entry)."),
+            ],
+            outputs=[StyleReference.Output(display_name="reference")],
+        )
+
+    @classmethod
+    def execute(cls, inversion, clip, prompt, conditioning=None) -> io.NodeOutput:
+        if inversion.latents.shape[1] != 1:
+            raise ValueError(f"inversion: holds {inversion.latents.shape[1]} images; a reference is one image")
+        conditioning = reference_conditioning(clip, prompt, conditioning)
+        return io.NodeOutput(InversionReference(conditioning=conditioning, trajectory=inversion))

@@ -104,7 +104,7 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
             node["inputs"]["ckpt_name"] = checkpoint_name
         elif random_weights and node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=256, height=256)
-        elif random_weights and node["class_type"] == "KSampler":
+        elif random_weights and node["class_type"] in ("KSampler", "DDIMInversion"):
             node["inputs"]["steps"] = 8
         elif random_weights and node["class_type"] == "LoadImage":
             node["inputs"]["image"] = small_copy_of_input(node["inputs"]["image"], 256)

@@ -35,7 +35,7 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
             node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
         elif node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
+        elif node["class_type"] in ("KSampler", "DDIMInversion"):
             node["inputs"]["steps"] = 3
     return prompt
 
@@ -50,7 +50,8 @@ def without_style(prompt: dict) -> dict:
         for name, value in node["inputs"].items():
             if isinstance(value, list) and value[0] in bypassed:
                 node["inputs"][name] = bypassed[value[0]]
-    return {node_id: node for node_id, node in prompt.items() if node["class_type"] != "StyleReferenceLatent"}
+    references = ("StyleReferenceLatent", "StyleReferenceInversion")
+    return {node_id: node for node_id, node in prompt.items() if node["class_type"] not in references}
 
 
 def with_style_inputs(prompt: dict, **inputs) -> dict:
