@@ -2,6 +2,7 @@
 
 Each configuration samples a batch of 4 (item 0 is the in-batch reference) with cfg, so every model
 call carries 8 images. Ratios are (style time) / (plain time), best of --repeats after a warm-up.
+Then DDIM inversion of one image against sampling it with the same steps at cfg 1.
 
     make bench                       # tiny UNet at 64x64 and full-size random SD1.5 at 256x256 on CPU
     python bench/run.py --gpu        # real sizes on a GPU: SD1.5 at 512x512, SDXL at 1024x1024
@@ -81,48 +82,80 @@ def pack_node(node_id, **inputs):
     return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).args[0]
 
 
-def timed_sample(model, positive, negative, latent, steps, repeats):
-    noise = comfy.sample.prepare_noise(latent, 0)
+def timed(job, repeats):
     best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up (loading, allocator, kernels)
+    for _ in range(repeats + 1):  # the first run warms up (loading, allocator, kernels, reference recording)
         if GPU:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", positive, negative, latent,
-                            disable_pbar=True, seed=0)
+        job()
         if GPU:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return best
 
 
-def run(name, side, steps, repeats):
+def timed_sample(model, positive, negative, latent, steps, repeats, cfg=7.0):
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return timed(lambda: comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                             disable_pbar=True, seed=0), repeats)
+
+
+def reference_latent(side, context_dim, pooled_dim, cache_megabytes):
+    return pack_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 4, side // 8, side // 8)}, clip=None,
+                     prompt="", reference_seed=0, cache_megabytes=cache_megabytes, cache_on_cpu=False,
+                     conditioning=conditioning(context_dim, pooled_dim, 1, 3))
+
+
+def vsp(model, reference=None):
+    return pack_node("VisualStylePrompting", model=model, layers="late_self_attention", custom_layers="",
+                     strength=1.0, start_percent=0.0, end_percent=1.0, reference=reference)
+
+
+def style_aligned(model, reference=None):
+    return pack_node("StyleAlignedAttention", model=model, share_attention=True, adain_queries=True, adain_keys=True,
+                     adain_values=False, shared_score_scale=1.0, shared_score_shift=0.0, shared_group_norm="auto",
+                     layers="all_self_attention", custom_layers="", start_percent=0.0, end_percent=1.0,
+                     reference=reference)
+
+
+def print_table(title, times, baseline):
+    print(f"\n{title}")
+    for label, seconds in times.items():
+        print(f"  {label:44s} {seconds:8.2f} s   {seconds / times[baseline]:5.2f}x {baseline}")
+
+
+def run(name, side, steps, inversion_steps, repeats):
     model, context_dim, pooled_dim = build(name)
     latent = torch.zeros(BATCH, 4, side // 8, side // 8)
     positive = conditioning(context_dim, pooled_dim, BATCH, 1)
     negative = conditioning(context_dim, pooled_dim, BATCH, 2)
-    reference = pack_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 4, side // 8, side // 8)},
-                          clip=None, prompt="", reference_seed=0,
-                          conditioning=conditioning(context_dim, pooled_dim, 1, 3))
+    cached = reference_latent(side, context_dim, pooled_dim, 2048)
+    uncached = reference_latent(side, context_dim, pooled_dim, 0)
     configurations = {
         "plain": model,
-        "VSP in-batch": pack_node("VisualStylePrompting", model=model, layers="late_self_attention", custom_layers="",
-                                  strength=1.0, start_percent=0.0, end_percent=1.0),
-        "VSP reference latent": pack_node("VisualStylePrompting", model=model, layers="late_self_attention",
-                                          custom_layers="", strength=1.0, start_percent=0.0, end_percent=1.0,
-                                          reference=reference),
+        "VSP in-batch": vsp(model),
+        "VSP reference latent, cached": vsp(model, cached),
+        "VSP reference latent, uncached": vsp(model, uncached),
+        "StyleAligned in-batch": style_aligned(model),
+        "StyleAligned reference latent, cached": style_aligned(model, cached),
+        "StyleAligned reference latent, uncached": style_aligned(model, uncached),
     }
-    for label, group_norm in (("StyleAligned in-batch", "auto"), ("StyleAligned reference latent", "auto")):
-        configurations[label] = pack_node(
-            "StyleAlignedAttention", model=model, share_attention=True, adain_queries=True, adain_keys=True,
-            adain_values=False, shared_score_scale=1.0, shared_score_shift=0.0, shared_group_norm=group_norm,
-            layers="all_self_attention", custom_layers="", start_percent=0.0, end_percent=1.0,
-            reference=reference if "reference" in label else None)
     times = {label: timed_sample(m, positive, negative, latent, steps, repeats) for label, m in configurations.items()}
-    print(f"\n{name} UNet, {side}x{side} ({side // 8}x{side // 8} latents), batch {BATCH} with cfg, {steps} steps, "
-          f"{'GPU ' + torch.cuda.get_device_name() if GPU else f'CPU ({torch.get_num_threads()} threads)'}")
-    for label, seconds in times.items():
-        print(f"  {label:32s} {seconds:8.2f} s   {seconds / times['plain']:5.2f}x plain")
+    device = f"GPU {torch.cuda.get_device_name()}" if GPU else f"CPU ({torch.get_num_threads()} threads)"
+    print_table(f"{name} UNet, {side}x{side} ({side // 8}x{side // 8} latents), batch {BATCH} with cfg, {steps} steps, "
+                f"{device}; cached runs replay the reference recorded by the warm-up run", times, "plain")
+
+    one = torch.randn(1, 4, side // 8, side // 8)
+    single_positive, single_negative = conditioning(context_dim, pooled_dim, 1, 4), conditioning(context_dim, pooled_dim, 1, 5)
+    inversion_times = {
+        "sampling, cfg 1": timed_sample(model, single_positive, single_negative, torch.zeros_like(one), inversion_steps,
+                                        repeats, cfg=1.0),
+        "DDIM inversion, cfg 1": timed(lambda: pack_node("DDIMInversion", model=model, latent={"samples": one},
+                                                         positive=single_positive, negative=single_negative,
+                                                         steps=inversion_steps, cfg=1.0, scheduler="normal"), repeats),
+    }
+    print_table(f"{name} UNet, one image, {inversion_steps} steps", inversion_times, "sampling, cfg 1")
     comfy.model_management.unload_all_models()
 
 
@@ -133,11 +166,11 @@ def main():
     options = parser.parse_args()
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     if options.gpu:
-        run("sd15", 512, 20, options.repeats)
-        run("sdxl", 1024, 20, options.repeats)
+        run("sd15", 512, 20, 50, options.repeats)
+        run("sdxl", 1024, 20, 50, options.repeats)
     else:
-        run("tiny", 64, 10, options.repeats)
-        run("sd15", 256, 3, options.repeats)
+        run("tiny", 64, 10, 50, options.repeats)
+        run("sd15", 256, 3, 10, options.repeats)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..attention_patches.reference import REFERENCE_STORE_OPTION, ReferenceFeatureStore
+from ..attention_patches.reference_cache import ReferenceFeatureCache
 from ..attention_patches.shared_norm import ModelCall, ModelCallSlot
 from ..attention_patches.styled_self_attention import SigmaRange
 from ..inversion.ddim import InversionTrajectory
@@ -34,9 +35,16 @@ class ExternalReference:
     """A reference run alone at each step: its state at a sigma comes from a subclass."""
 
     conditioning: list  # a CONDITIONING with one entry
+    cache_megabytes: int  # budget for recorded passes per style node; 0 records every step
+    cache_on_cpu: bool
 
     def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def new_cache(self) -> ReferenceFeatureCache | None:
+        if self.cache_megabytes == 0:
+            return None
+        return ReferenceFeatureCache(self.cache_megabytes * 2**20, torch.device("cpu") if self.cache_on_cpu else None)
 
     def latent_shape(self) -> torch.Size:
         raise NotImplementedError
@@ -114,6 +122,7 @@ class ReferencePass:
     reference: ExternalReference | None
     active_range: SigmaRange
     norm_call: ModelCallSlot | None = None
+    cache: ReferenceFeatureCache | None = None
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if not self.active_range.contains(float(t[0])):
@@ -131,6 +140,11 @@ class ReferencePass:
 
     def _record_reference(self, executor, sigma, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
+        key = (getattr(base_model, "current_weight_patches_uuid", None), float(sigma[0]))
+        if self.cache is not None:
+            cached = self.cache.get(key, x.device)
+            if cached is not None:
+                return cached
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
         inputs = self.reference.model_inputs(base_model, reference_x)
         store = ReferenceFeatureStore()
@@ -138,6 +152,8 @@ class ReferencePass:
         options = {**transformer_options, REFERENCE_STORE_OPTION: store, "cond_or_uncond": [0], "sigmas": sigma}
         executor(reference_x, sigma, inputs.pop("c_concat", None), inputs.pop("c_crossattn", None), None, options,
                  **inputs)
+        if self.cache is not None:
+            self.cache.put(key, store)
         return store.replay()
 
     def _tell_norms(self, cond_or_uncond, store) -> None:
@@ -145,8 +161,36 @@ class ReferencePass:
             self.norm_call.current = None if cond_or_uncond is None else ModelCall(cond_or_uncond, store)
 
 
-def install_reference_pass(model: comfy.model_patcher.ModelPatcher, reference_pass: ReferencePass) -> None:
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, REFERENCE_PASS_WRAPPER_KEY, reference_pass)
+def install_reference_pass(model: comfy.model_patcher.ModelPatcher, reference: ExternalReference | None,
+                           active_range: SigmaRange, norm_call: ModelCallSlot | None = None) -> None:
+    cache = None if reference is None else reference.new_cache()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, REFERENCE_PASS_WRAPPER_KEY,
+                               ReferencePass(reference, active_range, norm_call, cache))
+    if cache is not None:
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, REFERENCE_PASS_WRAPPER_KEY,
+                                    ClearOnUnload(cache))
+
+
+@dataclass(frozen=True)
+class ClearOnUnload:
+    """ModelPatcher detach callback. ComfyUI also detaches a model (unpatch_all False) when it swaps in
+    the next sampling run's clone of it; only a real unload (unpatch_all True) drops the recordings."""
+
+    cache: ReferenceFeatureCache
+
+    def __call__(self, patcher, unpatch_all: bool) -> None:
+        if unpatch_all:
+            self.cache.clear()
+
+
+def cache_inputs() -> list:
+    return [
+        io.Int.Input("cache_megabytes", default=2048, min=0, max=1 << 20,
+                     tooltip="Memory for the reference's recorded features: within it the reference runs once per "
+                     "sigma and later steps and runs replay it. 0 runs it at every step."),
+        io.Boolean.Input("cache_on_cpu", default=False,
+                         tooltip="Keep the recorded features in system memory instead of the GPU's."),
+    ]
 
 
 class StyleReferenceLatent(io.ComfyNode):
@@ -175,6 +219,7 @@ class StyleReferenceLatent(io.ComfyNode):
                     control_after_generate=False,
                     tooltip="Seed of the fixed noise that brings the reference to each sigma.",
                 ),
+                *cache_inputs(),
                 io.Conditioning.Input(
                     "conditioning",
                     optional=True,
@@ -185,7 +230,8 @@ class StyleReferenceLatent(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, latent, clip, prompt, reference_seed, conditioning=None) -> io.NodeOutput:
+    def execute(cls, latent, clip, prompt, reference_seed, cache_megabytes, cache_on_cpu,
+                conditioning=None) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.ndim != 4 or samples.shape[0] != 1:
             raise ValueError(
@@ -194,7 +240,8 @@ class StyleReferenceLatent(io.ComfyNode):
             )
         noise = comfy.sample.prepare_noise(samples, reference_seed)
         conditioning = reference_conditioning(clip, prompt, conditioning)
-        return io.NodeOutput(LatentReference(conditioning=conditioning, latent=samples.float(), noise=noise.float()))
+        return io.NodeOutput(LatentReference(conditioning=conditioning, cache_megabytes=cache_megabytes, cache_on_cpu=cache_on_cpu,
+                                            latent=samples.float(), noise=noise.float()))
 
 
 class StyleReferenceInversion(io.ComfyNode):
@@ -211,6 +258,7 @@ class StyleReferenceInversion(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the reference's own prompt."),
                 io.String.Input("prompt", default="", multiline=True,
                                 tooltip="What the reference shows; best the prompt it was inverted with."),
+                *cache_inputs(),
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="Overrides clip + prompt: the reference's own conditioning (one entry)."),
             ],
@@ -218,8 +266,9 @@ class StyleReferenceInversion(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, inversion, clip, prompt, conditioning=None) -> io.NodeOutput:
+    def execute(cls, inversion, clip, prompt, cache_megabytes, cache_on_cpu, conditioning=None) -> io.NodeOutput:
         if inversion.latents.shape[1] != 1:
             raise ValueError(f"inversion: holds {inversion.latents.shape[1]} images; a reference is one image")
         conditioning = reference_conditioning(clip, prompt, conditioning)
-        return io.NodeOutput(InversionReference(conditioning=conditioning, trajectory=inversion))
+        return io.NodeOutput(InversionReference(conditioning=conditioning, cache_megabytes=cache_megabytes,
+                                               cache_on_cpu=cache_on_cpu, trajectory=inversion))

@@ -11,7 +11,7 @@ from ..attention_patches.layers import ALL_SELF_ATTENTION, resolve_layers
 from ..attention_patches.shared_attention import SharedAttention
 from ..attention_patches.shared_norm import ModelCallSlot, SharedGroupNorm
 from .model_layers import active_sigma_range, transformer_sites
-from .reference import ReferencePass, install_reference_pass
+from .reference import install_reference_pass
 from .style_inputs import install_styled_self_attention, layer_inputs, reference_input, schedule_inputs
 
 SHARED_NORM_CHOICES = ["auto", "on", "off"]
@@ -91,5 +91,5 @@ class StyleAlignedAttention(io.ComfyNode):
         install_styled_self_attention(patched, selected, method, active_range, in_batch=reference is None)
         norm_call = install_shared_group_norms(patched) if shares_group_norm(model, shared_group_norm) else None
         if reference is not None or norm_call is not None:
-            install_reference_pass(patched, ReferencePass(reference, active_range, norm_call))
+            install_reference_pass(patched, reference, active_range, norm_call)
         return io.NodeOutput(patched)

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..attention_patches.kv_swap import KeyValueSwap
 from ..attention_patches.layers import LATE_SELF_ATTENTION, resolve_layers
 from .model_layers import active_sigma_range, transformer_sites
-from .reference import ReferencePass, install_reference_pass
+from .reference import install_reference_pass
 from .style_inputs import install_styled_self_attention, layer_inputs, reference_input, schedule_inputs
 
 LAYERS_TOOLTIP = (
@@ -51,5 +51,5 @@ class VisualStylePrompting(io.ComfyNode):
             return io.NodeOutput(patched)
         install_styled_self_attention(patched, selected, KeyValueSwap(strength), active_range, in_batch=reference is None)
         if reference is not None:
-            install_reference_pass(patched, ReferencePass(reference, active_range))
+            install_reference_pass(patched, reference, active_range)
         return io.NodeOutput(patched)

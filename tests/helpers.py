@@ -27,11 +27,11 @@ def vsp(model, reference=None, layers="late_self_attention", custom_layers="", s
     return patched
 
 
-def latent_reference(models, seed=7, prompt="", size=8, reference_seed=3):
+def latent_reference(models, seed=7, prompt="", size=8, reference_seed=3, cache_megabytes=2048, cache_on_cpu=False):
     generator = torch.Generator().manual_seed(seed)
     latent = {"samples": torch.randn(1, 4, size, size, generator=generator)}
     (reference,) = run_node("StyleReferenceLatent", latent=latent, clip=models.clip, prompt=prompt,
-                            reference_seed=reference_seed)
+                            reference_seed=reference_seed, cache_megabytes=cache_megabytes, cache_on_cpu=cache_on_cpu)
     return reference
 
 

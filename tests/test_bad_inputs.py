@@ -8,7 +8,7 @@ from helpers import encode, latent_reference, run_node, sample, vsp
 
 def test_reference_latent_with_the_wrong_channel_count(sd15):
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
-    (reference,) = run_node("StyleReferenceLatent", latent=latent, clip=sd15.clip, prompt="", reference_seed=0)
+    (reference,) = run_node("StyleReferenceLatent", latent=latent, clip=sd15.clip, prompt="", reference_seed=0, cache_megabytes=2048, cache_on_cpu=False)
     with pytest.raises(ValueError, match="reference: the reference latent has 16 channels but this model's latents have 4"):
         vsp(sd15.model, reference=reference)
 
@@ -22,7 +22,7 @@ def test_reference_latent_of_a_size_the_unet_cannot_take(sd15):
 def test_reference_latent_holding_several_images(sd15):
     with pytest.raises(ValueError, match=r"latent: expected one image latent of shape \(1, C, H, W\), got \(2, 4, 8, 8\)"):
         run_node("StyleReferenceLatent", latent={"samples": torch.zeros(2, 4, 8, 8)}, clip=sd15.clip, prompt="",
-                 reference_seed=0)
+                 reference_seed=0, cache_megabytes=2048, cache_on_cpu=False)
 
 
 def test_start_after_end(sd15):

@@ -12,7 +12,8 @@ def inverted_reference(sd15):
     positive, negative = encode(sd15.clip, "a painting"), encode(sd15.clip, "")
     _, trajectory = run_node("DDIMInversion", model=sd15.model, latent=latent, positive=positive, negative=negative,
                              steps=4, cfg=1.0, scheduler="normal")
-    (reference,) = run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="a painting")
+    (reference,) = run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="a painting",
+                            cache_megabytes=0, cache_on_cpu=False)
     return reference, trajectory
 
 
@@ -52,4 +53,5 @@ def test_an_inversion_of_several_images_is_refused(sd15):
     _, trajectory = run_node("DDIMInversion", model=sd15.model, latent=latent, positive=positive, negative=negative,
                              steps=2, cfg=1.0, scheduler="normal")
     with pytest.raises(ValueError, match="inversion: holds 2 images; a reference is one image"):
-        run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="")
+        run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="", cache_megabytes=0,
+                 cache_on_cpu=False)

@@ -66,23 +66,19 @@ def test_the_reference_equals_its_prompt_sampled_alone(models, batch):
 def test_shared_group_norm_uses_joint_statistics_with_the_reference(sd15):
     positive, negative = prompts(sd15)
     styled = style_aligned(sd15.model, shared_group_norm="on")
-    name = "input_blocks.1.0.in_layers.0"
-    norm = sd15.model.get_model_object(f"diffusion_model.{name}")
+    key = "diffusion_model.input_blocks.1.0.in_layers.0"
+    shared, norm = styled.object_patches[key], sd15.model.get_model_object(key)
     seen = []
-    handle = norm.register_forward_hook(lambda m, i, o: seen.append((i[0].detach().clone(), o.detach().clone())))
+    handle = shared.register_forward_hook(lambda m, i, o: seen.append((i[0].detach().clone(), o.detach().clone())))
     try:
         sample(styled, positive, negative, steps=1, cfg=1.0)
     finally:
         handle.remove()
-    (reference_in, reference_out), (joined_in, joined_out) = seen  # the shared norm calls the original twice
-    positions = reference_in[0, 0].numel()
-    targets_in = joined_in[:, :, :positions, 0]
-    assert torch.equal(joined_in[:, :, positions:, 0], reference_in.flatten(2).expand(2, -1, -1))
-    expected = group_norm_by_hand(norm, targets_in, reference_in)
-    torch.testing.assert_close(joined_out[:, :, :positions, 0].double(), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(reference_out.double(), group_norm_by_hand(norm, reference_in), rtol=1e-4, atol=1e-5)
-    plain_targets = group_norm_by_hand(norm, targets_in)
-    assert not torch.allclose(expected, plain_targets, atol=1e-3)
+    ((x, out),) = seen
+    torch.testing.assert_close(out[:1].double(), group_norm_by_hand(norm, x[:1]), rtol=1e-4, atol=1e-5)
+    expected = group_norm_by_hand(norm, x[1:], x[:1])
+    torch.testing.assert_close(out[1:].double(), expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, group_norm_by_hand(norm, x[1:]), atol=1e-3)
 
 
 def test_norm_sharing_follows_the_architecture_by_default(sd15, sdxl):
