@@ -11,7 +11,8 @@ from reference import style_aligned as reference_style_aligned
 from reference import vsp as reference_vsp
 from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
 from reference.models import twin_models
-from reference.sampling import Prompts, ddim_sample, denoise, sd_scheduler, sigma_of_timestep, unet_eps
+from reference.sampling import (Prompts, ddim_invert, ddim_sample, denoise, sd_scheduler, sigma_of_timestep,
+                                unet_eps)
 
 TOLERANCE = 1e-4
 SIZE = 8
@@ -192,3 +193,17 @@ def test_style_aligned_external_reference_sampling_parity(twins):
         expected = reference_sample(twins, prompts, noise, lambda s: case.run_alone_before_each_call(s, external))
     assert_relative_close(recorded * scale_factor(twins), expected, TOLERANCE)
     assert_relative_close(replayed * scale_factor(twins), expected, TOLERANCE)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_ddim_inversion_parity_with_diffusers_inverse_scheduler(twins, cfg):
+    prompts = random_prompts(twins, batch=2)
+    latent = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(12))
+    positive, negative = prompts.comfy_conditioning()
+    inverted, trajectory = run_node("DDIMInversion", model=twins.comfy_model, latent={"samples": latent},
+                                    positive=positive, negative=negative, steps=4, cfg=cfg, scheduler="ddim_uniform")
+    expected, last_timestep = ddim_invert(twins.diffusers_unet, latent * scale_factor(twins), 4, prompts, cfg)
+    sigma = sigma_of_timestep(sd_scheduler(), last_timestep)
+    assert float(trajectory.sigmas[-1]) == pytest.approx(sigma, rel=1e-5)
+    comfy_top = inverted["samples"] * scale_factor(twins) / (1 + sigma**2) ** 0.5  # ComfyUI's x at sigma -> diffusers' x_t
+    assert_relative_close(comfy_top, expected, TOLERANCE)

@@ -9,7 +9,7 @@ timesteps with steps_offset 1, ending at alpha 1 (set_alpha_to_one).
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 
 def sd_scheduler() -> DDIMScheduler:
@@ -22,6 +22,30 @@ def sd_scheduler() -> DDIMScheduler:
         steps_offset=1,
         timestep_spacing="leading",
     )
+
+
+def sd_inverse_scheduler() -> DDIMInverseScheduler:
+    return DDIMInverseScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+@torch.no_grad()
+def ddim_invert(unet, clean_latents, steps, prompts, cfg):
+    """DDIM inversion as diffusers runs it (DDIMInverseScheduler); returns the latent at the last timestep."""
+    scheduler = sd_inverse_scheduler()
+    scheduler.set_timesteps(steps)
+    latents = clean_latents
+    for timestep in scheduler.timesteps:
+        eps = guided_eps(unet, latents, timestep, prompts, cfg)
+        latents = scheduler.step(eps, timestep, latents).prev_sample
+    return latents, int(scheduler.timesteps[-1])
 
 
 def sigma_of_timestep(scheduler: DDIMScheduler, timestep: int) -> float:
