@@ -12,28 +12,24 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 
+# Stable Diffusion's schedule, ending at alpha 1 like ComfyUI's final sigma 0.
+SD_SCHEDULE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
 def sd_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    return DDIMScheduler(**SD_SCHEDULE)
 
 
 def sd_inverse_scheduler() -> DDIMInverseScheduler:
-    return DDIMInverseScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    return DDIMInverseScheduler(**SD_SCHEDULE)
 
 
 @torch.no_grad()
