@@ -67,9 +67,9 @@ def build(name):
         return random_models.tiny_sd15(seed=0).model, 32, None
     if name == "sd15":
         config = comfy.supported_models.SD15(copy.deepcopy(FULL_SD15_UNET))
-        return random_models._model_patcher(config, seed=0), 768, None
+        return random_models.model_patcher(config, seed=0), 768, None
     config = comfy.supported_models.SDXL(copy.deepcopy(FULL_SDXL_UNET))
-    return random_models._model_patcher(config, seed=0), 2048, 1280
+    return random_models.model_patcher(config, seed=0), 2048, 1280
 
 
 def conditioning(context_dim, pooled_dim, batch, seed):

@@ -6,7 +6,6 @@ With COMFYUI_DIR pointing at an existing ComfyUI, nothing is downloaded: the pac
 """
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys

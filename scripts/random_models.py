@@ -133,7 +133,7 @@ class RandomModels:
     vae: comfy.sd.VAE
 
 
-def _model_patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:
+def model_patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     randomize_parameters(model.diffusion_model, seed)
@@ -165,7 +165,7 @@ def tiny_sd15(seed: int = 0, unet_config: dict | None = None, v_prediction: bool
     config_class = TinySD15VPrediction if v_prediction else comfy.supported_models.SD15
     model_config = config_class(copy.deepcopy(unet_config or TINY_SD15_UNET))
     return RandomModels(
-        model=_model_patcher(model_config, seed),
+        model=model_patcher(model_config, seed),
         clip=_clip(model_config, {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG}, seed),
         vae=_vae(TINY_VAE_DDCONFIG, seed),
     )
@@ -175,7 +175,7 @@ def tiny_sdxl(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
     model_config = TinySDXL(copy.deepcopy(unet_config or TINY_SDXL_UNET))
     text_overrides = {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG, "clip_g_model_config": TINY_CLIP_TEXT_CONFIG}
     return RandomModels(
-        model=_model_patcher(model_config, seed),
+        model=model_patcher(model_config, seed),
         clip=_clip(model_config, text_overrides, seed),
         vae=_vae(TINY_VAE_DDCONFIG, seed),
     )
@@ -188,7 +188,7 @@ def save_demo_sd15_checkpoint(path: str, seed: int = 0) -> None:
     UNet, all in fp16. It makes noise, not pictures.
     """
     model_config = comfy.supported_models.SD15(copy.deepcopy(DEMO_SD15_UNET))
-    model = _model_patcher(model_config, seed)
+    model = model_patcher(model_config, seed)
     clip = _clip(model_config, {}, seed)
     default_vae_ddconfig = {**TINY_VAE_DDCONFIG, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2}
     vae = _vae(default_vae_ddconfig, seed)
