@@ -41,10 +41,18 @@ class GroupMoments:
     variance: torch.Tensor  # (groups,), biased, as GroupNorm uses
 
 
+def group_statistics(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item and group: (mean, biased variance), each (batch, groups), in float32 as GroupNorm
+    accumulates. Through the fused GroupNorm kernel: torch.var_mean is several times slower on CPU."""
+    batch, channels = x.shape[:2]
+    _, mean, rstd = torch.native_group_norm(x.float(), None, None, batch, channels, x[0, 0].numel(), groups, 0.0)
+    return mean, rstd.pow(-2)
+
+
 def group_moments(x: torch.Tensor, groups: int) -> GroupMoments:
-    grouped = x.reshape(x.shape[0], groups, -1)
-    variance, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
-    return GroupMoments(torch.tensor(float(grouped.shape[-1])), mean[0], variance[0])
+    """Of one image (batch of 1)."""
+    mean, variance = group_statistics(x, groups)
+    return GroupMoments(torch.tensor(float(x.numel() // groups)), mean[0], variance[0])
 
 
 class SharedGroupNorm(torch.nn.Module):
@@ -72,16 +80,26 @@ class SharedGroupNorm(torch.nn.Module):
         return torch.cat(outputs)
 
     def _joint(self, targets: torch.Tensor, reference: GroupMoments) -> torch.Tensor:
-        """GroupNorm with each target's statistics pooled with the reference's (any size of either)."""
+        """GroupNorm with each target's statistics pooled with the reference's (any size of either).
+
+        The pooled statistics are applied by batch_norm in inference mode over (batch x channels),
+        a fused kernel that reads the activations once.
+        """
+        batch, channels = targets.shape[:2]
         groups = self.norm.num_groups
-        grouped = targets.reshape(targets.shape[0], groups, -1)
-        variance, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
-        own, ref = grouped.shape[-1], reference.count.to(targets)
-        ref_mean, ref_variance = reference.mean.to(targets)[:, None], reference.variance.to(targets)[:, None]
-        joint_mean = (own * mean + ref * ref_mean) / (own + ref)
-        joint_variance = (own * (variance + (mean - joint_mean) ** 2) + ref * (ref_variance + (ref_mean - joint_mean) ** 2)) / (own + ref)
-        normalised = ((grouped - joint_mean) / torch.sqrt(joint_variance + self.norm.eps)).reshape(targets.shape)
-        if not self.norm.affine:
-            return normalised
-        shape = (1, -1) + (1,) * (targets.ndim - 2)
-        return normalised * self.norm.weight.to(targets).reshape(shape) + self.norm.bias.to(targets).reshape(shape)
+        mean, variance = group_statistics(targets, groups)
+        ref_weight = reference.count.to(mean) / (targets[0].numel() / groups + reference.count.to(mean))
+        ref_mean, ref_variance = reference.mean.to(mean), reference.variance.to(mean)
+        joint_mean = torch.lerp(mean, ref_mean, ref_weight)
+        joint_variance = torch.lerp(variance + (mean - joint_mean).square(), ref_variance + (ref_mean - joint_mean).square(), ref_weight)
+        per_channel = channels // groups
+        weight = bias = None
+        if self.norm.affine:
+            weight, bias = (p.to(mean).repeat(batch) for p in (self.norm.weight, self.norm.bias))
+        normalised = torch.nn.functional.batch_norm(
+            targets.reshape(1, batch * channels, -1),
+            joint_mean.repeat_interleave(per_channel, dim=1).flatten(),
+            joint_variance.repeat_interleave(per_channel, dim=1).flatten(),
+            weight, bias, training=False, eps=self.norm.eps,
+        )
+        return normalised.reshape(targets.shape)
