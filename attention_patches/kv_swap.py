@@ -13,6 +13,7 @@ class KeyValueSwap:
     """strength 1 is the paper; below 1 the output moves linearly back toward plain self-attention."""
 
     strength: float = 1.0
+    key_sources = ("reference",)  # the swapped attention's keys; the plain call at strength < 1 comes second
 
     def __call__(
         self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None

@@ -6,27 +6,23 @@ from typing import Protocol
 import torch
 
 from .attention import AttentionFunction
+from .attention_maps import ATTENTION_MAPS_OPTION, cond_images
 from .layers import SelfAttentionLayer
 from .reference import REFERENCE_STORE_OPTION, ReferenceFeatures, in_batch_references
+from .sigma_range import SigmaRange
 
 
 class StyleMethod(Protocol):
-    """What a style method does to the targets' self-attention, given the reference's features."""
+    """What a style method does to the targets' self-attention, given the reference's features.
+
+    key_sources names the blocks of keys its (first) attention call attends to, for attention maps.
+    """
+
+    key_sources: tuple[str, ...]
 
     def __call__(
         self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None
     ) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class SigmaRange:
-    """Active for sigma_end < sigma <= sigma_start; empty when the two are equal."""
-
-    sigma_start: float
-    sigma_end: float
-
-    def contains(self, sigma: float) -> bool:
-        return self.sigma_end < sigma <= self.sigma_start
 
 
 @dataclass(frozen=True)
@@ -48,18 +44,30 @@ class StyledSelfAttention:
         precision = extra_options.get("attn_precision")
         store = extra_options.get(REFERENCE_STORE_OPTION)
         if not self.active_range.contains(float(extra_options["sigmas"][0])) or (store is None and not self.in_batch):
-            return self.attention(query, key, value, heads, attn_precision=precision)
+            return self._attention(extra_options, cond_images(query.shape[0], extra_options["cond_or_uncond"]), 0,
+                                   ("self",))(query, key, value, heads, attn_precision=precision)
         if store is not None:
             if store.recording:
                 store.record(self.layer, ReferenceFeatures(query, key, value))
                 return self.attention(query, key, value, heads, attn_precision=precision)
-            return self.method(query, key, value, store.get(self.layer), heads, self.attention, precision)
+            attention = self._attention(extra_options, cond_images(query.shape[0], extra_options["cond_or_uncond"]),
+                                        0, self.method.key_sources)
+            return self.method(query, key, value, store.get(self.layer), heads, attention, precision)
 
         outputs = []
-        for ref, targets in in_batch_references(query.shape[0], extra_options["cond_or_uncond"]):
+        pairs = in_batch_references(query.shape[0], extra_options["cond_or_uncond"])
+        for (ref, targets), kind in zip(pairs, extra_options["cond_or_uncond"]):
             reference = ReferenceFeatures(query[ref], key[ref], value[ref])
+            attention = self._attention(extra_options, slice(None) if kind == 0 else None, 1, self.method.key_sources)
             outputs.append(self.attention(query[ref], key[ref], value[ref], heads, attn_precision=precision))
             outputs.append(
-                self.method(query[targets], key[targets], value[targets], reference, heads, self.attention, precision)
+                self.method(query[targets], key[targets], value[targets], reference, heads, attention, precision)
             )
         return torch.cat(outputs)
+
+    def _attention(self, extra_options: dict, images: slice | None, first_image: int, key_sources) -> AttentionFunction:
+        """The kernel, recording attention maps when a capture asks for this layer (cond images only)."""
+        capture = extra_options.get(ATTENTION_MAPS_OPTION)
+        if capture is None or images is None:
+            return self.attention
+        return capture.recording(self.layer, self.attention, extra_options, images, first_image, key_sources)

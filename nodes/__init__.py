@@ -1,5 +1,6 @@
 """ComfyUI nodes: the only layer that imports comfy."""
 
+from .attention_maps import AttentionMapHeatmap, CaptureAttentionMaps
 from .batch_prompts import ReferenceTargetPrompts
 from .ddim_inversion import DDIMInversion, LoadInversion, SaveInversion
 from .reference import StyleReferenceInversion, StyleReferenceLatent
@@ -15,4 +16,6 @@ NODES = [
     DDIMInversion,
     SaveInversion,
     LoadInversion,
+    CaptureAttentionMaps,
+    AttentionMapHeatmap,
 ]

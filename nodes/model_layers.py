@@ -5,7 +5,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..attention_patches.layers import TransformerSite
-from ..attention_patches.styled_self_attention import SigmaRange
+from ..attention_patches.sigma_range import SigmaRange
 
 
 def transformer_sites(model: comfy.model_patcher.ModelPatcher, node_name: str) -> list[TransformerSite]:

@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from ..attention_patches.reference import REFERENCE_STORE_OPTION, ReferenceFeatureStore
 from ..attention_patches.reference_cache import ReferenceFeatureCache
 from ..attention_patches.shared_norm import ModelCall, ModelCallSlot
-from ..attention_patches.styled_self_attention import SigmaRange
+from ..attention_patches.sigma_range import SigmaRange
 from ..inversion.ddim import InversionTrajectory
 from .model_layers import latent_downscale
 

@@ -5,7 +5,9 @@ import comfy.model_patcher
 from comfy_api.latest import io
 
 from ..attention_patches.layers import PRESETS, SelfAttentionLayer
-from ..attention_patches.styled_self_attention import SigmaRange, StyleMethod, StyledSelfAttention
+from ..attention_patches.attention import KernelAttention
+from ..attention_patches.sigma_range import SigmaRange
+from ..attention_patches.styled_self_attention import StyleMethod, StyledSelfAttention
 from .reference import StyleReference
 
 
@@ -55,7 +57,7 @@ def install_styled_self_attention(
             layer=layer,
             method=method,
             active_range=active_range,
-            attention=comfy.ldm.modules.attention.optimized_attention,
+            attention=KernelAttention(comfy.ldm.modules.attention.optimized_attention),
             in_batch=in_batch,
         )
         model.set_model_attn1_replace(styled, *layer)

@@ -37,7 +37,8 @@ import random_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
 PACK_NODE_IDS = ("VisualStylePrompting", "StyleAlignedAttention", "StyleReferenceLatent", "ReferenceTargetPrompts",
-                 "DDIMInversion", "SaveInversion", "LoadInversion", "StyleReferenceInversion")
+                 "DDIMInversion", "SaveInversion", "LoadInversion", "StyleReferenceInversion", "CaptureAttentionMaps",
+                 "AttentionMapHeatmap")
 
 
 class _LogCapture(logging.Handler):

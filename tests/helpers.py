@@ -48,7 +48,10 @@ def with_separate_cond_batches(model, reverse=False):
 
     def one_cond_per_call(executor, model_base, conds, x_in, timestep, model_options):
         order = list(range(len(conds)))[::-1] if reverse else list(range(len(conds)))
-        outputs = {i: executor(model_base, [conds[i]], x_in, timestep, model_options)[0] for i in order}
+        outputs = {}
+        for i in order:  # the others left None (skipped), so cond_or_uncond still labels this one as it is
+            alone = [cond if j == i else None for j, cond in enumerate(conds)]
+            outputs[i] = executor(model_base, alone, x_in, timestep, model_options)[i]
         return [outputs[i] for i in range(len(conds))]
 
     clone = model.clone()

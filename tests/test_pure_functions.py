@@ -13,6 +13,7 @@ kv_swap = pack_submodule("attention_patches.kv_swap")
 layers = pack_submodule("attention_patches.layers")
 prompt_batch = pack_submodule("attention_patches.prompt_batch")
 reference = pack_submodule("attention_patches.reference")
+sigma_range = pack_submodule("attention_patches.sigma_range")
 styled = pack_submodule("attention_patches.styled_self_attention")
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -65,10 +66,10 @@ def test_reference_store_replays_what_was_recorded_and_names_missing_layers():
 
 
 def test_sigma_range_is_half_open_and_empty_when_start_equals_end():
-    active = styled.SigmaRange(sigma_start=10.0, sigma_end=1.0)
+    active = sigma_range.SigmaRange(sigma_start=10.0, sigma_end=1.0)
     assert active.contains(10.0) and active.contains(5.0)
     assert not active.contains(1.0) and not active.contains(10.5)
-    assert not styled.SigmaRange(3.0, 3.0).contains(3.0)
+    assert not sigma_range.SigmaRange(3.0, 3.0).contains(3.0)
 
 
 def test_parse_custom_layers():

@@ -1,0 +1,216 @@
+"""Attention maps: capture them while sampling, then draw them as heatmaps over the images.
+
+Capture works with any method of this pack (a styled layer records what it computes: for VSP where
+each target position looks in the reference) and with a plain model.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+import comfy.ldm.modules.attention
+import comfy.model_patcher
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..attention_patches.attention import KernelAttention
+from ..attention_patches.attention_maps import (
+    ATTENTION_MAPS_OPTION,
+    AttentionMapError,
+    AttentionMapRecorder,
+    CapturingAttention,
+    MapCapture,
+    cross_attention_heat,
+    mark_point,
+    overlay,
+    resized,
+    self_attention_heat,
+)
+from ..attention_patches.layers import LATE_SELF_ATTENTION, format_layers, parse_custom_layers, resolve_layers
+from ..attention_patches.styled_self_attention import StyledSelfAttention
+from .model_layers import active_sigma_range, transformer_sites
+from .style_inputs import layer_inputs
+
+AttentionMaps = io.Custom("ATTENTION_MAPS")
+
+CAPTURE_WRAPPER_KEY = "style_attention_nodes.attention_maps"
+KINDS = {"cross_attention": ("cross", "attn2"), "self_attention": ("self", "attn1")}
+
+
+@dataclass(frozen=True)
+class ResetBeforeSampling:
+    """OUTER_SAMPLE wrapper: each sampling run starts with empty maps (a rerun must not add to the last)."""
+
+    recorder: AttentionMapRecorder
+
+    def __call__(self, executor, *args, **kwargs):
+        self.recorder.reset()
+        return executor(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ProvideCapture:
+    """APPLY_MODEL wrapper: hands the capture to the attention layers through transformer_options."""
+
+    capture: MapCapture
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        options = {**transformer_options, ATTENTION_MAPS_OPTION: self.capture}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+def install_capture_patches(model: comfy.model_patcher.ModelPatcher, layers, kind: str, patch_name: str) -> None:
+    """A capturing replace patch per layer; a layer this pack already styles records by itself."""
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(patch_name, {})
+    attention = KernelAttention(comfy.ldm.modules.attention.optimized_attention)
+    for layer in layers:
+        existing = replaced.get(layer)
+        if isinstance(existing, StyledSelfAttention):
+            continue
+        if existing is not None:
+            raise ValueError(
+                f"layers: {'.'.join(map(str, layer))} already has its {patch_name} replaced by another node "
+                f"({type(existing).__name__}); capture before that node, or choose other layers"
+            )
+        patch = CapturingAttention(layer, attention, ("self",) if kind == "self" else ("text",))
+        if patch_name == "attn1":
+            model.set_model_attn1_replace(patch, *layer)
+        else:
+            model.set_model_attn2_replace(patch, *layer)
+
+
+class CaptureAttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CaptureAttentionMaps",
+            display_name="Capture Attention Maps",
+            category="style_attention",
+            description="Records softmax(q k^T / sqrt(d)) of the chosen layers while the model samples, averaged over "
+            "heads and steps (memory does not grow with the steps). Connect the maps to Attention Map Heatmap.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to watch (plain or styled by this pack); it is cloned."),
+                io.Combo.Input("attention", options=list(KINDS), default="self_attention",
+                               tooltip="self_attention: where each position looks in the image (and in the style "
+                               "reference, for VSP and StyleAligned). cross_attention: where each prompt token acts."),
+                *layer_inputs(LATE_SELF_ATTENTION, "Which transformer layers to capture (the same names as the style "
+                              "nodes; cross-attention sits beside each self-attention)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the schedule at which capture starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fraction of the schedule at which capture stops."),
+                io.Int.Input("max_megabytes", default=1024, min=1, max=1 << 20,
+                             tooltip="Memory the maps may take (system memory). Self-attention maps grow with the "
+                             "square of the positions: a 512x512 SD1.5 image's finest layers take 64 MiB per image."),
+            ],
+            outputs=[io.Model.Output(), AttentionMaps.Output(display_name="attention_maps")],
+        )
+
+    @classmethod
+    def execute(cls, model, attention, layers, custom_layers, start_percent, end_percent,
+                max_megabytes) -> io.NodeOutput:
+        if attention not in KINDS:
+            raise ValueError(f"attention: expected one of {', '.join(KINDS)}, got {attention!r}")
+        kind, patch_name = KINDS[attention]
+        selected = resolve_layers(transformer_sites(model, "CaptureAttentionMaps"), layers, custom_layers)
+        active_range = active_sigma_range(model, start_percent, end_percent)
+        recorder = AttentionMapRecorder(kind, max_megabytes * 2**20)
+        patched = model.clone()
+        install_capture_patches(patched, selected, kind, patch_name)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
+                                     ResetBeforeSampling(recorder))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CAPTURE_WRAPPER_KEY,
+                                     ProvideCapture(MapCapture(recorder, frozenset(selected), active_range)))
+        return io.NodeOutput(patched, recorder)
+
+
+def chosen_layers(recorder: AttentionMapRecorder, text: str) -> list:
+    if not recorder.layers:
+        raise AttentionMapError(
+            "attention_maps: nothing was captured; sample with the MODEL from Capture Attention Maps (within its "
+            "start/end percent) before drawing"
+        )
+    if not text.strip():
+        return list(recorder.layers.values())
+    wanted = []
+    for block, number, index in parse_custom_layers(text):
+        matches = [maps for (b, n, i), maps in recorder.layers.items()
+                   if (b, n) == (block, number) and index in (None, i)]
+        if not matches:
+            raise AttentionMapError(
+                f"layers: {block}.{number}{'' if index is None else f'.{index}'} was not captured "
+                f"(captured: {format_layers(list(recorder.layers))})"
+            )
+        wanted.extend(matches)
+    return wanted
+
+
+def parse_tokens(text: str) -> list[int]:
+    tokens = [part for part in text.replace(",", " ").split()]
+    if not tokens or not all(part.isdigit() for part in tokens):
+        raise ValueError(f"tokens: expected token positions such as 1, 2 (0 is the start token), got {text!r}")
+    return [int(part) for part in tokens]
+
+
+class AttentionMapHeatmap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttentionMapHeatmap",
+            display_name="Attention Map Heatmap",
+            category="style_attention",
+            description="Draws captured attention maps over the images (blue low, red high), averaged over the "
+            "chosen layers. Cross-attention: one panel per image. Self-attention: the image with the query point "
+            "marked, then where that point looks, one panel per block of keys (its own image, the reference).",
+            inputs=[
+                AttentionMaps.Input("attention_maps", tooltip="From Capture Attention Maps, after sampling."),
+                io.Image.Input("images", tooltip="The decoded images of that sampling run (the whole batch)."),
+                io.String.Input("layers", default="",
+                                tooltip="Captured layers to average, e.g. output.3, output.4.1; empty: all captured."),
+                io.String.Input("tokens", default="1",
+                                tooltip="Cross-attention: prompt token positions whose maps are summed (0 is the start "
+                                "token; a one-token word at the start of the prompt is 1)."),
+                io.Float.Input("query_x", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Self-attention: the position whose attention is drawn, as a fraction of the width."),
+                io.Float.Input("query_y", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Self-attention: the position's fraction of the height (0 is the top)."),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="How strongly the heat colours cover the image."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="Self-attention with an external style reference: its decoded image, drawn "
+                               "under the reference's panel (black without it)."),
+            ],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, attention_maps, images, layers, tokens, query_x, query_y, opacity,
+                reference_image=None) -> io.NodeOutput:
+        maps = chosen_layers(attention_maps, layers)
+        first, count = maps[0].first_image, maps[0].total.shape[0]
+        if images.shape[0] < first + count:
+            raise ValueError(
+                f"images: the maps cover batch items {first} to {first + count - 1}, but the batch has "
+                f"{images.shape[0]} images; connect the images of the sampling run that was captured"
+            )
+        size = tuple(images.shape[1:3])
+        targets = images[first:first + count].float()
+        if attention_maps.kind == "cross":
+            return io.NodeOutput(overlay(targets, cross_attention_heat(maps, parse_tokens(tokens), size), opacity))
+        backgrounds = {"self": targets, "reference": cls._reference_background(images, first, reference_image, size,
+                                                                              count)}
+        heats = self_attention_heat(maps, query_x, query_y, size)
+        panels = [mark_point(targets, query_x, query_y)]
+        panels += [overlay(backgrounds[source], heat, opacity) for source, heat in zip(maps[0].key_sources, heats)]
+        return io.NodeOutput(torch.cat(panels, dim=2))
+
+    @staticmethod
+    def _reference_background(images, first, reference_image, size, count) -> torch.Tensor:
+        if first == 1:  # in-batch reference: batch item 0
+            reference = images[:1]
+        elif reference_image is not None:
+            reference = reference_image[:1]
+        else:
+            return torch.zeros(count, *size, 3)
+        reference = resized(reference.float().movedim(-1, 1).flatten(0, 1), size).reshape(1, 3, *size).movedim(1, -1)
+        return reference.expand(count, -1, -1, -1)
