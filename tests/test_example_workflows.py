@@ -54,6 +54,14 @@ def without_style(prompt: dict) -> dict:
     return {node_id: node for node_id, node in prompt.items() if node["class_type"] not in references}
 
 
+def without_heatmaps(prompt: dict) -> dict:
+    """The graph without its attention-map drawing (and what saves it): what remains are the samples."""
+    drawn = {node_id for node_id, node in prompt.items() if node["class_type"] == "AttentionMapHeatmap"}
+    consumers = {node_id for node_id, node in prompt.items()
+                 if any(isinstance(value, list) and value[0] in drawn for value in node["inputs"].values())}
+    return {node_id: node for node_id, node in prompt.items() if node_id not in drawn | consumers}
+
+
 def with_style_inputs(prompt: dict, **inputs) -> dict:
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
@@ -71,7 +79,7 @@ def pixels(engine, outputs):
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_executes_styles_and_leaves_the_model_clean(engine, workflow):
     architecture = "sdxl" if "sdxl" in workflow.stem else "sd15"
-    prompt = for_test_models(load_workflow_as_api(workflow), architecture)
+    prompt = without_heatmaps(for_test_models(load_workflow_as_api(workflow), architecture))
     unstyled_prompt = without_style(prompt)
 
     unstyled = pixels(engine, Engine(engine.output_dir).run(unstyled_prompt))
@@ -83,6 +91,18 @@ def test_workflow_executes_styles_and_leaves_the_model_clean(engine, workflow):
     assert np.array_equal(
         pixels(engine, engine.run(with_style_inputs(prompt, start_percent=0.5, end_percent=0.5))), unstyled)
     assert np.array_equal(pixels(engine, Engine(engine.output_dir).run(unstyled_prompt)), unstyled)
+
+
+def test_the_attention_map_workflow_draws_where_the_targets_look_in_the_reference(engine):
+    prompt = for_test_models(load_workflow_as_api(REPO / "example_workflows" / "visual_style_prompting_attention_maps.json"),
+                             "sd15")
+    (heatmap_id,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "AttentionMapHeatmap"]
+    (save_id,) = [node_id for node_id, node in prompt.items() if node["inputs"].get("images") == [heatmap_id, 0]]
+    outputs = engine.run(prompt)
+    samples = pixels(engine, {node_id: out for node_id, out in outputs.items() if node_id != save_id})
+    drawn = pixels(engine, {save_id: outputs[save_id]})
+    batch, height, width = samples.shape[:3]
+    assert drawn.shape[:3] == (batch - 1, height, 2 * width), "per target: [marked image | heat over the reference]"
 
 
 def test_workflows_are_ui_format():
