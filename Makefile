@@ -11,8 +11,14 @@ REQUIREMENTS := requirements.txt tests/requirements-comfyui.txt tests/requiremen
 
 .PHONY: setup test demo bench clean
 
-setup: $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+
+setup: $(VENV)/.installed $(CHROMIUM)
 	$(PY) scripts/install_comfyui.py "$(COMFYUI_DIR)"
+
+# Debian's Chromium for the browser test (Playwright cannot download browsers here)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 $(VENV)/.installed: $(REQUIREMENTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
