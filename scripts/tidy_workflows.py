@@ -17,11 +17,10 @@ from pathlib import Path
 from PIL import Image
 
 import demo
+import frontend
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "example_workflows"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 THUMBNAIL_WIDTH = 640
 SAVED_VIEWPORT = {"width": 1600, "height": 900}  # the view the workflows open with fits a laptop's browser
 THUMBNAIL_VIEWPORT = {"width": 2560, "height": 1440}
@@ -67,15 +66,12 @@ VIEW = """() => ({scale: window.app.canvas.ds.scale, offset: [...window.app.canv
 def fitted_view(page, viewport: dict) -> dict:
     page.set_viewport_size(viewport)
     page.wait_for_timeout(300)
-    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
-    page.wait_for_timeout(500)
+    frontend.fit_view(page)
     return page.evaluate(VIEW)
 
 
 def tidy(page, path: Path) -> None:
-    page.set_input_files("#comfy-file-input", str(path))
-    page.wait_for_function("n => window.app.graph.nodes.length === n", arg=len(json.loads(path.read_text())["nodes"]))
-    page.wait_for_timeout(500)
+    frontend.open_workflow(page, path)
     page.evaluate(LAYOUT, GAP)
     workflow = json.loads(path.read_text())
     places = page.evaluate(PLACES)
@@ -100,14 +96,8 @@ def main() -> None:
     server = demo.start_server(port, Path(tempfile.mkdtemp()) / "comfyui.log")
     try:
         with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS,
-                viewport=THUMBNAIL_VIEWPORT,
-            )
-            page = context.new_page()
-            page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
-            page.goto(f"http://127.0.0.1:{port}")
-            page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+            context = frontend.launch(playwright, profile, THUMBNAIL_VIEWPORT)
+            page, _ = frontend.open_frontend(context, f"http://127.0.0.1:{port}")
             for name in names:
                 tidy(page, WORKFLOWS / name)
                 print(f"tidied {name}")

@@ -187,3 +187,19 @@ def test_bad_inputs_are_named(sd15):
         heatmap(maps, images[:1])
     with pytest.raises(ValueError, match="attention"):
         capture(sd15.model, attention="both")
+
+
+def test_capture_placed_before_a_style_node_records_the_styled_attention(sd15):
+    positive, negative = prompts(sd15)
+    captured, maps = capture(sd15.model)
+    styled = vsp(captured, layers="custom", custom_layers=CUSTOM)
+    sample(styled, positive, negative, batch=3, steps=2, cfg=1.0)
+    layer = maps.layers[LAYER]
+    assert layer.key_sources == ("reference",) and layer.first_image == 1 and layer.calls == 2
+
+
+def test_a_layer_replaced_by_another_pack_is_named(sd15):
+    foreign = sd15.model.clone()
+    foreign.set_model_attn2_replace(lambda q, k, v, extra_options: q, "output", 3, 0)
+    with pytest.raises(ValueError, match="output.3.0 already has its attn2 replaced"):
+        capture(foreign, attention="cross_attention")

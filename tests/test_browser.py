@@ -8,16 +8,13 @@ output/screenshots/. One workflow is queued with the Run button and must produce
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 import demo
+import frontend
 from conftest import REPO
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 SCREENSHOTS = REPO / "output" / "screenshots"
 QUEUED_WORKFLOW = "visual_style_prompting_in_batch.json"
@@ -53,15 +50,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium package (apt-get install chromium)")
+    if not frontend.CHROMIUM.is_file():
+        pytest.fail(f"{frontend.CHROMIUM} is missing: `make setup` installs Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 2200, "height": 1300},  # large enough that wide graphs draw in full detail
-        )
+        # large enough that the wider graphs are drawn in full detail
+        context = frontend.launch(playwright, str(tmp_path_factory.mktemp("chromium-profile")),
+                                  {"width": 2200, "height": 1300})
         try:
             yield context
         finally:
@@ -79,33 +75,12 @@ def wait_for_new_prompt(base: str, known: set, timeout: float) -> str:
     raise AssertionError(f"no queued prompt finished within {timeout} s (queue: {get_json(base, '/queue')})")
 
 
-def open_frontend(context, base: str):
-    page = context.new_page()
-    page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")  # an announcement banner
-    errors = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(base)
-    page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
-    page.wait_for_timeout(1000)
-    return page, errors
-
-
 def visible_dialogs(page) -> list[str]:
     return page.evaluate(
         """() => [...document.querySelectorAll('.p-dialog, [role=dialog]')]
                 .filter(d => d.offsetParent !== null || d.getClientRects().length > 0)
                 .map(d => d.innerText.slice(0, 300))"""
     )
-
-
-def open_workflow(page, path: Path) -> None:
-    """Through the frontend's file input: the path Workflow > Open takes."""
-    page.set_input_files("#comfy-file-input", str(path))
-    page.wait_for_function(
-        "expected => window.app.graph.nodes.length === expected", arg=len(json.loads(path.read_text())["nodes"]),
-        timeout=60_000,
-    )
-    page.wait_for_timeout(500)
 
 
 def unknown_nodes(page) -> list[str]:
@@ -118,13 +93,12 @@ def unknown_nodes(page) -> list[str]:
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda path: path.stem)
 def test_each_example_workflow_loads_in_the_frontend(server, browser, workflow):
     base, _ = server
-    page, errors = open_frontend(browser, base)
+    page, errors = frontend.open_frontend(browser, base)
     try:
-        open_workflow(page, workflow)
+        frontend.open_workflow(page, workflow)
         assert unknown_nodes(page) == []
         assert visible_dialogs(page) == []
-        page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
-        page.wait_for_timeout(500)
+        frontend.fit_view(page)
         page.screenshot(path=str(SCREENSHOTS / f"{workflow.stem}.png"))
         assert errors == []
     finally:
@@ -133,9 +107,9 @@ def test_each_example_workflow_loads_in_the_frontend(server, browser, workflow):
 
 def test_a_workflow_queued_with_the_run_button_produces_its_image(server, browser):
     base, checkpoint_name = server
-    page, errors = open_frontend(browser, base)
+    page, errors = frontend.open_frontend(browser, base)
     try:
-        open_workflow(page, REPO / "example_workflows" / QUEUED_WORKFLOW)
+        frontend.open_workflow(page, REPO / "example_workflows" / QUEUED_WORKFLOW)
         page.evaluate(
             """([checkpoint]) => {
                 for (const node of window.app.graph.nodes) {
@@ -155,8 +129,8 @@ def test_a_workflow_queued_with_the_run_button_produces_its_image(server, browse
         assert entry["status"]["status_str"] == "success", entry["status"]
         images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
         assert images and all(image["type"] == "output" for image in images)
-        page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
-        page.wait_for_timeout(1500)  # the frontend draws the result into the Save Image node
+        frontend.fit_view(page)
+        page.wait_for_timeout(1000)  # the frontend draws the result into the Save Image node
         page.screenshot(path=str(SCREENSHOTS / "queued_visual_style_prompting_in_batch.png"))
         assert visible_dialogs(page) == [] and errors == []
     finally:
@@ -167,7 +141,7 @@ def test_the_workflows_are_offered_in_the_template_browser(server, browser):
     base, _ = server
     templates = get_json(base, "/api/workflow_templates")
     assert sorted(templates[PACK_FOLDER]) == sorted(path.stem for path in WORKFLOWS)
-    page, errors = open_frontend(browser, base)
+    page, errors = frontend.open_frontend(browser, base)
     try:
         page.get_by_role("button", name="Templates").first.click()
         dialog = page.get_by_role("dialog")

@@ -14,7 +14,6 @@ layers = pack_submodule("attention_patches.layers")
 prompt_batch = pack_submodule("attention_patches.prompt_batch")
 reference = pack_submodule("attention_patches.reference")
 sigma_range = pack_submodule("attention_patches.sigma_range")
-styled = pack_submodule("attention_patches.styled_self_attention")
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 
