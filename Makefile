@@ -16,9 +16,11 @@ CHROMIUM := /usr/bin/chromium
 setup: $(VENV)/.installed $(CHROMIUM)
 	$(PY) scripts/install_comfyui.py "$(COMFYUI_DIR)"
 
-# Debian's Chromium for the browser test (Playwright cannot download browsers here)
+# Debian's Chromium for the browser test (Playwright cannot download browsers here). Without root
+# the other tests still run and the browser test fails saying what is missing.
 $(CHROMIUM):
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "WARNING: could not apt-get install chromium (root needed); tests/test_browser.py will fail"
 
 $(VENV)/.installed: $(REQUIREMENTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
