@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionFunction
-from .layers import SelfAttentionLayer
+from .layers import SelfAttentionLayer, layer_name
 from .reference import REFERENCE_STORE_OPTION, batch_chunks
 from .sigma_range import SigmaRange
 
@@ -88,7 +88,7 @@ class AttentionMapRecorder:
             held = self.bytes - (0 if maps is None else maps.total.numel() * 4)
             if held + needed > self.max_bytes:
                 raise AttentionMapError(
-                    f"the attention maps of layer {'.'.join(map(str, layer))} need {needed / 2**20:.1f} MiB, past "
+                    f"the attention maps of layer {layer_name(*layer)} need {needed / 2**20:.1f} MiB, past "
                     f"max_megabytes ({self.max_bytes / 2**20:.0f} MiB, {held / 2**20:.1f} MiB already held): raise "
                     "max_megabytes, or capture fewer or coarser layers"
                 )
@@ -151,6 +151,20 @@ def cond_images(batch_size: int, cond_or_uncond: list[int]) -> slice | None:
     return None
 
 
+def with_capture(attention: AttentionFunction, layer: SelfAttentionLayer, extra_options: dict,
+                 key_sources: tuple[str, ...], batch_size: int, cond_or_uncond: list[int],
+                 first_image: int = 0) -> AttentionFunction:
+    """attention itself, or a version recording the maps of the call's cond images when a capture in
+    extra_options asks for this layer at this step. Nothing is computed when no capture is installed."""
+    capture = extra_options.get(ATTENTION_MAPS_OPTION)
+    if capture is None:
+        return attention
+    images = cond_images(batch_size, cond_or_uncond)
+    if images is None:
+        return attention
+    return capture.recording(layer, attention, extra_options, images, first_image, key_sources)
+
+
 @dataclass(frozen=True)
 class CapturingAttention:
     """An attn1 or attn2 replace patch that only captures: the layer computes ComfyUI's attention."""
@@ -160,11 +174,8 @@ class CapturingAttention:
     key_sources: tuple[str, ...]  # ("self",) for self-attention, ("text",) for cross-attention
 
     def __call__(self, query, key, value, extra_options: dict) -> torch.Tensor:
-        attention = self.attention
-        capture = extra_options.get(ATTENTION_MAPS_OPTION)
-        images = cond_images(query.shape[0], extra_options["cond_or_uncond"])
-        if capture is not None and images is not None:
-            attention = capture.recording(self.layer, attention, extra_options, images, 0, self.key_sources)
+        attention = with_capture(self.attention, self.layer, extra_options, self.key_sources, query.shape[0],
+                                 extra_options["cond_or_uncond"])
         return attention(query, key, value, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
 
 
@@ -254,3 +265,48 @@ def mark_point(images: torch.Tensor, x: float, y: float) -> torch.Tensor:
         marked[:, rows, max(column - arm, 0):column + arm + 1] = colour
         marked[:, max(row - arm, 0):row + arm + 1, columns] = colour
     return marked
+
+
+def captured_images(maps: list[LayerMaps], images: torch.Tensor) -> torch.Tensor:
+    """The images the maps belong to, out of the sampling run's whole batch (n, H, W, 3)."""
+    first, count = maps[0].first_image, maps[0].total.shape[0]
+    if images.shape[0] < first + count:
+        raise ValueError(
+            f"images: the maps cover batch items {first} to {first + count - 1}, but the batch has "
+            f"{images.shape[0]} images; connect the images of the sampling run that was captured"
+        )
+    return images[first:first + count].float()
+
+
+def draw_cross_attention(maps: list[LayerMaps], images: torch.Tensor, tokens: list[int], opacity: float) -> torch.Tensor:
+    """Each captured image with the heat of the chosen prompt tokens over it."""
+    targets = captured_images(maps, images)
+    return overlay(targets, cross_attention_heat(maps, tokens, tuple(targets.shape[1:3])), opacity)
+
+
+def draw_self_attention(maps: list[LayerMaps], images: torch.Tensor, x: float, y: float, opacity: float,
+                        reference_image: torch.Tensor | None = None) -> torch.Tensor:
+    """Per captured image, side by side: the image with (x, y) marked, then where that point looks,
+    one panel per block of keys over what those keys are (the image itself, or the reference)."""
+    targets = captured_images(maps, images)
+    size = tuple(targets.shape[1:3])
+    backgrounds = {"self": targets, "reference": reference_background(maps, images, reference_image, size)}
+    heats = self_attention_heat(maps, x, y, size)
+    panels = [mark_point(targets, x, y)]
+    panels += [overlay(backgrounds[source], heat, opacity) for source, heat in zip(maps[0].key_sources, heats)]
+    return torch.cat(panels, dim=2)
+
+
+def reference_background(maps: list[LayerMaps], images: torch.Tensor, reference_image: torch.Tensor | None,
+                         size: tuple[int, int]) -> torch.Tensor:
+    """The reference under its keys' panel: batch item 0 for an in-batch reference, else reference_image
+    resized to the images' size, else black."""
+    count = maps[0].total.shape[0]
+    if maps[0].first_image == 1:
+        reference = images[:1]
+    elif reference_image is not None:
+        reference = reference_image[:1]
+    else:
+        return torch.zeros(count, *size, 3)
+    reference = resized(reference.float().movedim(-1, 1).flatten(0, 1), size).reshape(1, 3, *size).movedim(1, -1)
+    return reference.expand(count, -1, -1, -1)

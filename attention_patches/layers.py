@@ -90,20 +90,28 @@ def _resolve_custom(sites: list[TransformerSite], text: str) -> list[SelfAttenti
     selections = parse_custom_layers(text)
     if not selections:
         raise LayerSelectionError("custom_layers: empty; list layers such as output.3, output.4.1")
-    by_block = {(site.block, site.number): site for site in sites}
-    layers: list[SelfAttentionLayer] = []
+    return select_layers(all_layers(sites), selections,
+                         "custom_layers: this model has no self-attention at {name}; its layers are {layers}")
+
+
+def select_layers(layers: list[SelfAttentionLayer], selections: list[tuple[str, int, int | None]],
+                  missing: str) -> list[SelfAttentionLayer]:
+    """The layers each selection names (block.number: every depth; block.number.index: one), each once.
+
+    A selection that names none of them is an error: missing formatted with its {name} and the {layers}.
+    """
+    chosen: list[SelfAttentionLayer] = []
     for block, number, index in selections:
-        site = by_block.get((block, number))
-        if site is None or (index is not None and index >= site.depth):
-            name = f"{block}.{number}" + ("" if index is None else f".{index}")
-            raise LayerSelectionError(
-                f"custom_layers: this model has no self-attention at {name}; "
-                f"its layers are {format_layers(all_layers(sites))}"
-            )
-        chosen = site.layers() if index is None else [(block, number, index)]
-        layers.extend(layer for layer in chosen if layer not in layers)
-    return layers
+        matches = [layer for layer in layers if layer[:2] == (block, number) and index in (None, layer[2])]
+        if not matches:
+            raise LayerSelectionError(missing.format(name=layer_name(block, number, index), layers=format_layers(layers)))
+        chosen.extend(layer for layer in matches if layer not in chosen)
+    return chosen
+
+
+def layer_name(block: str, number: int, index: int | None = None) -> str:
+    return f"{block}.{number}" + ("" if index is None else f".{index}")
 
 
 def format_layers(layers: list[SelfAttentionLayer]) -> str:
-    return ", ".join(f"{block}.{number}.{index}" for block, number, index in layers) or "none"
+    return ", ".join(layer_name(*layer) for layer in layers) or "none"

@@ -6,7 +6,7 @@ from typing import Protocol
 import torch
 
 from .attention import AttentionFunction
-from .attention_maps import ATTENTION_MAPS_OPTION, cond_images
+from .attention_maps import with_capture
 from .layers import SelfAttentionLayer
 from .reference import REFERENCE_STORE_OPTION, ReferenceFeatures, in_batch_references
 from .sigma_range import SigmaRange
@@ -43,31 +43,26 @@ class StyledSelfAttention:
         heads = extra_options["n_heads"]
         precision = extra_options.get("attn_precision")
         store = extra_options.get(REFERENCE_STORE_OPTION)
+        cond_or_uncond = extra_options["cond_or_uncond"]
         if not self.active_range.contains(float(extra_options["sigmas"][0])) or (store is None and not self.in_batch):
-            return self._attention(extra_options, cond_images(query.shape[0], extra_options["cond_or_uncond"]), 0,
-                                   ("self",))(query, key, value, heads, attn_precision=precision)
+            attention = with_capture(self.attention, self.layer, extra_options, ("self",), query.shape[0], cond_or_uncond)
+            return attention(query, key, value, heads, attn_precision=precision)
         if store is not None:
             if store.recording:
                 store.record(self.layer, ReferenceFeatures(query, key, value))
                 return self.attention(query, key, value, heads, attn_precision=precision)
-            attention = self._attention(extra_options, cond_images(query.shape[0], extra_options["cond_or_uncond"]),
-                                        0, self.method.key_sources)
+            attention = with_capture(self.attention, self.layer, extra_options, self.method.key_sources, query.shape[0],
+                                     cond_or_uncond)
             return self.method(query, key, value, store.get(self.layer), heads, attention, precision)
 
         outputs = []
-        pairs = in_batch_references(query.shape[0], extra_options["cond_or_uncond"])
-        for (ref, targets), kind in zip(pairs, extra_options["cond_or_uncond"]):
+        for (ref, targets), kind in zip(in_batch_references(query.shape[0], cond_or_uncond), cond_or_uncond):
             reference = ReferenceFeatures(query[ref], key[ref], value[ref])
-            attention = self._attention(extra_options, slice(None) if kind == 0 else None, 1, self.method.key_sources)
+            # the reference's own attention is not captured: maps start at batch item 1
+            attention = with_capture(self.attention, self.layer, extra_options, self.method.key_sources,
+                                     targets.stop - targets.start, [kind], first_image=1)
             outputs.append(self.attention(query[ref], key[ref], value[ref], heads, attn_precision=precision))
             outputs.append(
                 self.method(query[targets], key[targets], value[targets], reference, heads, attention, precision)
             )
         return torch.cat(outputs)
-
-    def _attention(self, extra_options: dict, images: slice | None, first_image: int, key_sources) -> AttentionFunction:
-        """The kernel, recording attention maps when a capture asks for this layer (cond images only)."""
-        capture = extra_options.get(ATTENTION_MAPS_OPTION)
-        if capture is None or images is None:
-            return self.attention
-        return capture.recording(self.layer, self.attention, extra_options, images, first_image, key_sources)

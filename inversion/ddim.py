@@ -8,10 +8,13 @@ first step sigma is 0, where nothing else is defined): the model sees the curren
 it would be at sigma, i.e. the denoiser is called on x * c_in(sigma) / c_in(sigma_next).
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per item) -> predicted x0
 
@@ -61,9 +64,10 @@ def invert(
         raise ValueError("inversion needs an ascending schedule of at least two sigmas")
     latents = [x]
     ones = x.new_ones(x.shape[0])
+    scales = [input_scale(sigma) for sigma in sigmas]
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        labelled = x * (input_scale(sigma) / input_scale(sigma_next))
+        labelled = x * (scales[i] / scales[i + 1])
         denoised = denoise(labelled, sigma_next * ones)
         eps = (labelled - denoised) / sigma_next
         x = x + (sigma_next - sigma) * eps
@@ -78,10 +82,6 @@ TRAJECTORY_FORMAT = "style-attention-nodes/inversion-trajectory/1"
 
 def save_trajectory(trajectory: InversionTrajectory, path: str, metadata: dict[str, str] | None = None) -> None:
     """Write to a .safetensors file atomically: a failed write leaves no partial file behind."""
-    import os
-
-    from safetensors.torch import save_file
-
     partial = f"{path}.partial"
     try:
         save_file(
@@ -96,8 +96,6 @@ def save_trajectory(trajectory: InversionTrajectory, path: str, metadata: dict[s
 
 
 def load_trajectory(path: str) -> InversionTrajectory:
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as archive:
         if (archive.metadata() or {}).get("format") != TRAJECTORY_FORMAT:
             raise ValueError(f"{path} is not an inversion saved by Save Inversion")

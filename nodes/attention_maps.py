@@ -6,8 +6,6 @@ each target position looks in the reference) and with a plain model.
 
 from dataclasses import dataclass
 
-import torch
-
 import comfy.ldm.modules.attention
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -20,13 +18,11 @@ from ..attention_patches.attention_maps import (
     AttentionMapRecorder,
     CapturingAttention,
     MapCapture,
-    cross_attention_heat,
-    mark_point,
-    overlay,
-    resized,
-    self_attention_heat,
+    draw_cross_attention,
+    draw_self_attention,
 )
-from ..attention_patches.layers import LATE_SELF_ATTENTION, format_layers, parse_custom_layers, resolve_layers
+from ..attention_patches.layers import (LATE_SELF_ATTENTION, layer_name, parse_custom_layers, resolve_layers,
+                                        select_layers)
 from ..attention_patches.styled_self_attention import StyledSelfAttention
 from .model_layers import active_sigma_range, transformer_sites
 from .style_inputs import layer_inputs
@@ -69,7 +65,7 @@ def install_capture_patches(model: comfy.model_patcher.ModelPatcher, layers, kin
             continue
         if existing is not None:
             raise ValueError(
-                f"layers: {'.'.join(map(str, layer))} already has its {patch_name} replaced by another node "
+                f"layers: {layer_name(*layer)} already has its {patch_name} replaced by another node "
                 f"({type(existing).__name__}); capture before that node, or choose other layers"
             )
         patch = CapturingAttention(layer, attention, ("self",) if kind == "self" else ("text",))
@@ -132,17 +128,9 @@ def chosen_layers(recorder: AttentionMapRecorder, text: str) -> list:
         )
     if not text.strip():
         return list(recorder.layers.values())
-    wanted = []
-    for block, number, index in parse_custom_layers(text):
-        matches = [maps for (b, n, i), maps in recorder.layers.items()
-                   if (b, n) == (block, number) and index in (None, i)]
-        if not matches:
-            raise AttentionMapError(
-                f"layers: {block}.{number}{'' if index is None else f'.{index}'} was not captured "
-                f"(captured: {format_layers(list(recorder.layers))})"
-            )
-        wanted.extend(matches)
-    return wanted
+    selected = select_layers(list(recorder.layers), parse_custom_layers(text),
+                             "layers: {name} was not captured (captured: {layers})")
+    return [recorder.layers[layer] for layer in selected]
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -187,30 +175,6 @@ class AttentionMapHeatmap(io.ComfyNode):
     def execute(cls, attention_maps, images, layers, tokens, query_x, query_y, opacity,
                 reference_image=None) -> io.NodeOutput:
         maps = chosen_layers(attention_maps, layers)
-        first, count = maps[0].first_image, maps[0].total.shape[0]
-        if images.shape[0] < first + count:
-            raise ValueError(
-                f"images: the maps cover batch items {first} to {first + count - 1}, but the batch has "
-                f"{images.shape[0]} images; connect the images of the sampling run that was captured"
-            )
-        size = tuple(images.shape[1:3])
-        targets = images[first:first + count].float()
         if attention_maps.kind == "cross":
-            return io.NodeOutput(overlay(targets, cross_attention_heat(maps, parse_tokens(tokens), size), opacity))
-        backgrounds = {"self": targets, "reference": cls._reference_background(images, first, reference_image, size,
-                                                                              count)}
-        heats = self_attention_heat(maps, query_x, query_y, size)
-        panels = [mark_point(targets, query_x, query_y)]
-        panels += [overlay(backgrounds[source], heat, opacity) for source, heat in zip(maps[0].key_sources, heats)]
-        return io.NodeOutput(torch.cat(panels, dim=2))
-
-    @staticmethod
-    def _reference_background(images, first, reference_image, size, count) -> torch.Tensor:
-        if first == 1:  # in-batch reference: batch item 0
-            reference = images[:1]
-        elif reference_image is not None:
-            reference = reference_image[:1]
-        else:
-            return torch.zeros(count, *size, 3)
-        reference = resized(reference.float().movedim(-1, 1).flatten(0, 1), size).reshape(1, 3, *size).movedim(1, -1)
-        return reference.expand(count, -1, -1, -1)
+            return io.NodeOutput(draw_cross_attention(maps, images, parse_tokens(tokens), opacity))
+        return io.NodeOutput(draw_self_attention(maps, images, query_x, query_y, opacity, reference_image))

@@ -183,6 +183,18 @@ class ClearOnUnload:
             self.cache.clear()
 
 
+def prompt_inputs(prompt_tooltip: str) -> list:
+    return [
+        io.Clip.Input("clip", tooltip="Encodes the reference's own prompt."),
+        io.String.Input("prompt", default="", multiline=True, tooltip=prompt_tooltip),
+    ]
+
+
+def conditioning_input():
+    return io.Conditioning.Input("conditioning", optional=True,
+                                 tooltip="Overrides clip + prompt: the reference's own conditioning (one entry).")
+
+
 def cache_inputs() -> list:
     return [
         io.Int.Input("cache_megabytes", default=2048, min=0, max=1 << 20,
@@ -204,13 +216,7 @@ class StyleReferenceLatent(io.ComfyNode):
             "nodes see it forward-noised to the current sigma under a fixed seed.",
             inputs=[
                 io.Latent.Input("latent", tooltip="The reference as a latent (VAE Encode an image). One image."),
-                io.Clip.Input("clip", tooltip="Encodes the reference's own prompt."),
-                io.String.Input(
-                    "prompt",
-                    default="",
-                    multiline=True,
-                    tooltip="What the reference shows, e.g. its style description. Empty is the usual choice.",
-                ),
+                *prompt_inputs("What the reference shows, e.g. its style description. Empty is the usual choice."),
                 io.Int.Input(
                     "reference_seed",
                     default=0,
@@ -220,11 +226,7 @@ class StyleReferenceLatent(io.ComfyNode):
                     tooltip="Seed of the fixed noise that brings the reference to each sigma.",
                 ),
                 *cache_inputs(),
-                io.Conditioning.Input(
-                    "conditioning",
-                    optional=True,
-                    tooltip="Overrides clip + prompt: the reference's own conditioning (one entry).",
-                ),
+                conditioning_input(),
             ],
             outputs=[StyleReference.Output(display_name="reference")],
         )
@@ -255,12 +257,9 @@ class StyleReferenceInversion(io.ComfyNode):
             "latent the inversion reached at that sigma. Sample with the inversion's steps and scheduler.",
             inputs=[
                 Inversion.Input("inversion", tooltip="From DDIM Inversion or Load Inversion (one image)."),
-                io.Clip.Input("clip", tooltip="Encodes the reference's own prompt."),
-                io.String.Input("prompt", default="", multiline=True,
-                                tooltip="What the reference shows; best the prompt it was inverted with."),
+                *prompt_inputs("What the reference shows; best the prompt it was inverted with."),
                 *cache_inputs(),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Overrides clip + prompt: the reference's own conditioning (one entry)."),
+                conditioning_input(),
             ],
             outputs=[StyleReference.Output(display_name="reference")],
         )
