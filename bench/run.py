@@ -10,23 +10,16 @@ Then DDIM inversion of one image against sampling it with the same steps at cfg 
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
-sys.path[:0] = [str(COMFYUI_DIR), str(REPO / "scripts")]
-
-import utils.install_util  # noqa: E402,F401  ComfyUI's utils package first, as its main.py does
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing(False)
-from comfy.cli_args import args  # noqa: E402
-
 GPU = "--gpu" in sys.argv
-args.cpu = not GPU
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]  # the tests' node helpers drive the nodes here too
+import comfyui_host  # noqa: E402
+
+comfyui_host.prepare(cpu=not GPU)
 
 import asyncio  # noqa: E402
 
@@ -37,27 +30,8 @@ import comfy.sample  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import nodes  # noqa: E402
 import random_models  # noqa: E402
+from helpers import run_node, style_aligned, vsp  # noqa: E402
 
-FULL_SD15_UNET = {
-    **random_models.TINY_SD15_UNET,
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "context_dim": 768,
-}
-FULL_SDXL_UNET = {
-    **random_models.TINY_SDXL_UNET,
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2],
-    "channel_mult": [1, 2, 4],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_middle": 10,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "context_dim": 2048,
-    "adm_in_channels": 2816,
-}
 BATCH = 4
 
 
@@ -66,9 +40,9 @@ def build(name):
     if name == "tiny":
         return random_models.tiny_sd15(seed=0).model, 32, None
     if name == "sd15":
-        config = comfy.supported_models.SD15(copy.deepcopy(FULL_SD15_UNET))
+        config = comfy.supported_models.SD15(copy.deepcopy(random_models.FULL_SD15_UNET))
         return random_models.model_patcher(config, seed=0), 768, None
-    config = comfy.supported_models.SDXL(copy.deepcopy(FULL_SDXL_UNET))
+    config = comfy.supported_models.SDXL(copy.deepcopy(random_models.FULL_SDXL_UNET))
     return random_models.model_patcher(config, seed=0), 2048, 1280
 
 
@@ -76,10 +50,6 @@ def conditioning(context_dim, pooled_dim, batch, seed):
     g = torch.Generator().manual_seed(seed)
     extras = {} if pooled_dim is None else {"pooled_output": torch.randn(batch, pooled_dim, generator=g)}
     return [[torch.randn(batch, 77, context_dim, generator=g), extras]]
-
-
-def pack_node(node_id, **inputs):
-    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).args[0]
 
 
 def timed(job, repeats):
@@ -102,21 +72,10 @@ def timed_sample(model, positive, negative, latent, steps, repeats, cfg=7.0):
 
 
 def reference_latent(side, context_dim, pooled_dim, cache_megabytes):
-    return pack_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 4, side // 8, side // 8)}, clip=None,
-                     prompt="", reference_seed=0, cache_megabytes=cache_megabytes, cache_on_cpu=False,
-                     conditioning=conditioning(context_dim, pooled_dim, 1, 3))
-
-
-def vsp(model, reference=None):
-    return pack_node("VisualStylePrompting", model=model, layers="late_self_attention", custom_layers="",
-                     strength=1.0, start_percent=0.0, end_percent=1.0, reference=reference)
-
-
-def style_aligned(model, reference=None):
-    return pack_node("StyleAlignedAttention", model=model, share_attention=True, adain_queries=True, adain_keys=True,
-                     adain_values=False, shared_score_scale=1.0, shared_score_shift=0.0, shared_group_norm="auto",
-                     layers="all_self_attention", custom_layers="", start_percent=0.0, end_percent=1.0,
-                     reference=reference)
+    (reference,) = run_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 4, side // 8, side // 8)}, clip=None,
+                            prompt="", reference_seed=0, cache_megabytes=cache_megabytes, cache_on_cpu=False,
+                            conditioning=conditioning(context_dim, pooled_dim, 1, 3))
+    return reference
 
 
 def print_table(title, times, baseline):
@@ -151,7 +110,7 @@ def run(name, side, steps, inversion_steps, repeats):
     inversion_times = {
         "sampling, cfg 1": timed_sample(model, single_positive, single_negative, torch.zeros_like(one), inversion_steps,
                                         repeats, cfg=1.0),
-        "DDIM inversion, cfg 1": timed(lambda: pack_node("DDIMInversion", model=model, latent={"samples": one},
+        "DDIM inversion, cfg 1": timed(lambda: run_node("DDIMInversion", model=model, latent={"samples": one},
                                                          positive=single_positive, negative=single_negative,
                                                          steps=inversion_steps, cfg=1.0, scheduler="normal"), repeats),
     }

@@ -16,14 +16,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfyui_host import COMFYUI_DIR, REPO  # noqa: E402
 OUTPUT_DIR = REPO / "output"
 RANDOM_CHECKPOINT = REPO / ".comfyui" / "RANDOM-WEIGHTS-NOT-A-MODEL-sd15.safetensors"
 # Every example workflow for SD1.5: the SDXL ones need an SDXL checkpoint (run them from the frontend).
 WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json") if "sdxl" not in path.stem)
 
-sys.path.insert(0, str(REPO / "scripts"))
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
 
@@ -33,12 +32,11 @@ def make_random_checkpoint() -> None:
     print(f"generating a random-weight SD1.5-shaped checkpoint once: {RANDOM_CHECKPOINT}")
     partial = RANDOM_CHECKPOINT.with_suffix(".partial")
     code = (
-        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "import comfy.options; comfy.options.enable_args_parsing(False)\n"
-        "from comfy.cli_args import args; args.cpu = True\n"
-        "import random_models; random_models.save_demo_sd15_checkpoint(sys.argv[3])\n"
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import comfyui_host; comfyui_host.prepare(cpu=True)\n"
+        "import random_models; random_models.save_demo_sd15_checkpoint(sys.argv[2])\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(COMFYUI_DIR), str(REPO / "scripts"), str(partial)], check=True)
+    subprocess.run([sys.executable, "-c", code, str(REPO / "scripts"), str(partial)], check=True)
     partial.rename(RANDOM_CHECKPOINT)
 
 

@@ -32,6 +32,11 @@ def open_frontend(context, base: str):
 def open_workflow(page, path: Path) -> None:
     """Through the frontend's file input: the path Workflow > Open takes."""
     page.set_input_files("#comfy-file-input", str(path))
+    wait_for_workflow(page, path)
+
+
+def wait_for_workflow(page, path: Path) -> None:
+    """Until the graph holds the workflow's nodes."""
     page.wait_for_function(
         "expected => window.app.graph.nodes.length === expected", arg=len(json.loads(path.read_text())["nodes"]),
         timeout=60_000,
@@ -42,3 +47,11 @@ def open_workflow(page, path: Path) -> None:
 def fit_view(page) -> None:
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
     page.wait_for_timeout(500)
+
+
+def save_as_jpeg(screenshot: Path, jpeg: Path, width: int, quality: int) -> None:
+    from PIL import Image
+
+    image = Image.open(screenshot).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.save(jpeg, quality=quality, optimize=True)

@@ -9,13 +9,12 @@ real frontend (python scripts/nodes_doc.py --gallery copies them from output/scr
 
 import argparse
 import importlib.util
-import os
 import sys
 import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
+import comfyui_host
+
+REPO = comfyui_host.REPO
 NODES_MD = REPO / "NODES.md"
 GALLERY = REPO / "docs" / "gallery"
 SCREENSHOTS = REPO / "output" / "screenshots"
@@ -39,14 +38,7 @@ CAPTIONS = {
 
 
 def load_pack():
-    sys.path.insert(0, str(COMFYUI_DIR))
-    import utils.install_util  # noqa: F401  ComfyUI's utils package first, as its main.py does
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-
-    args.cpu = True  # only the schemas are read; no device is needed
+    comfyui_host.prepare(cpu=True)  # only the schemas are read; no device is needed
     import folder_paths
 
     empty = tempfile.mkdtemp()  # file lists (Load Inversion's) must not depend on this machine's files
@@ -122,16 +114,14 @@ def anchor(cls) -> str:
 
 
 def copy_gallery() -> None:
-    from PIL import Image
+    import frontend
 
     shots = sorted(SCREENSHOTS.glob("*.png"))
     if not shots:
         raise SystemExit(f"no screenshots in {SCREENSHOTS}: run the browser test (make test) first")
     GALLERY.mkdir(parents=True, exist_ok=True)
     for shot in shots:
-        image = Image.open(shot).convert("RGB")
-        image = image.resize((GALLERY_WIDTH, round(image.height * GALLERY_WIDTH / image.width)), Image.LANCZOS)
-        image.save(GALLERY / f"{shot.stem}.jpg", quality=82, optimize=True)
+        frontend.save_as_jpeg(shot, GALLERY / f"{shot.stem}.jpg", GALLERY_WIDTH, quality=82)
 
 
 def main() -> None:

@@ -55,6 +55,25 @@ TINY_SDXL_UNET = {
     "adm_in_channels": 32 + 6 * 256,  # CLIP-G pooled + six 256-d size embeddings
 }
 
+# The unet_configs ComfyUI 0.3.75 detects for real SD1.5 and SDXL checkpoints (comfy/model_detection.py),
+# for full-size models with random weights (benchmarks) or on the meta device (layer maps).
+_FULL_UNET_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "model_channels": 320, "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+FULL_SD15_UNET = {
+    **_FULL_UNET_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+}
+FULL_SDXL_UNET = {
+    **_FULL_UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+}
+
 TINY_CLIP_TEXT_CONFIG = {
     "hidden_size": 32,
     "intermediate_size": 64,

@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image
-
 import demo
 import frontend
 
@@ -82,9 +80,7 @@ def tidy(page, path: Path) -> None:
     fitted_view(page, THUMBNAIL_VIEWPORT)  # a large canvas draws the nodes in full detail
     shot = Path(tempfile.mkstemp(suffix=".png")[1])
     page.screenshot(path=str(shot), clip=page.evaluate(NODES_ON_SCREEN, 30))
-    image = Image.open(shot).convert("RGB")
-    image = image.resize((THUMBNAIL_WIDTH, round(image.height * THUMBNAIL_WIDTH / image.width)), Image.LANCZOS)
-    image.save(path.with_suffix(".jpg"), quality=85, optimize=True)
+    frontend.save_as_jpeg(shot, path.with_suffix(".jpg"), THUMBNAIL_WIDTH, quality=85)
     shot.unlink()
 
 

@@ -7,26 +7,17 @@ ComfyUI's own custom-node loader, exactly as a user's ComfyUI loads it.
 import asyncio
 import json
 import logging
-import os
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = Path(os.environ.get("COMFYUI_DIR", REPO / ".comfyui" / "ComfyUI")).resolve()
-if not (COMFYUI_DIR / "main.py").is_file():
-    raise RuntimeError(f"no ComfyUI at {COMFYUI_DIR}; run `make setup` or set COMFYUI_DIR")
-sys.path[:0] = [str(COMFYUI_DIR), str(REPO / "scripts")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import comfyui_host  # noqa: E402
 
-import utils.install_util  # noqa: E402,F401  ComfyUI's utils package, bound before anything shadows it (as main.py does)
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing(False)
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True
+comfyui_host.prepare(cpu=True)
+REPO, COMFYUI_DIR = comfyui_host.REPO, comfyui_host.COMFYUI_DIR
 
 import torch  # noqa: E402
 

@@ -35,6 +35,32 @@ def latent_reference(models, seed=7, prompt="", size=8, reference_seed=3, cache_
     return reference
 
 
+def batch_prompts(models, batch=3, style_description="watercolor"):
+    """(positive, negative): a reference prompt and batch - 1 target prompts sharing a style description."""
+    (conditioning, batch_size) = run_node("ReferenceTargetPrompts", clip=models.clip, reference_prompt="a cat",
+                                          target_prompts="\n".join(f"a dog {i}" for i in range(batch - 1)),
+                                          style_description=style_description)
+    assert batch_size == batch
+    return conditioning, encode(models.clip, "")
+
+
+def selected_layers(model):
+    """The layers that carry a self-attention replace patch."""
+    return list(model.model_options["transformer_options"]["patches_replace"]["attn1"])
+
+
+def invert(model, latent, positive, negative, steps, cfg=1.0, scheduler="normal"):
+    """DDIMInversion of a latent tensor: (inverted LATENT, INVERSION)."""
+    return run_node("DDIMInversion", model=model, latent={"samples": latent}, positive=positive, negative=negative,
+                    steps=steps, cfg=cfg, scheduler=scheduler)
+
+
+def inversion_reference(models, trajectory, prompt="a painting", cache_megabytes=0, cache_on_cpu=False):
+    (reference,) = run_node("StyleReferenceInversion", inversion=trajectory, clip=models.clip, prompt=prompt,
+                            cache_megabytes=cache_megabytes, cache_on_cpu=cache_on_cpu)
+    return reference
+
+
 def sample(model, positive, negative, batch=3, size=8, steps=3, cfg=4.0, seed=0, sampler="euler",
            scheduler="normal"):
     latent = torch.zeros(batch, 4, size, size)
@@ -69,9 +95,10 @@ def self_attention_module(model, layer):
 
 
 @contextmanager
-def record_self_attention(model, layer):
-    """Record, per model call, the q/k/v projections and the attention output (input of to_out) at a layer."""
-    block = self_attention_module(model, layer).attn1
+def record_attention(model, layer, which="attn1"):
+    """Record, per model call, the q/k/v projections and the attention output (input of to_out) of a
+    layer's self- (attn1) or cross-attention (attn2)."""
+    block = getattr(self_attention_module(model, layer), which)
     calls = []
     handles = [
         block.to_q.register_forward_hook(lambda m, i, o: calls.append({"q": o.detach().clone()})),
@@ -86,20 +113,30 @@ def record_self_attention(model, layer):
             handle.remove()
 
 
-def attention_by_hand(q, k, v, heads):
-    """softmax(q k^T / sqrt(d)) v per head, written out independently of the pack."""
+def attention_weights_by_hand(q, k, heads):
+    """softmax(q k^T / sqrt(d)) per head, in float64: (batch, heads, queries, keys)."""
     batch, tokens, inner = q.shape
     d = inner // heads
     qh = q.reshape(batch, tokens, heads, d).permute(0, 2, 1, 3).double()
     kh = k.reshape(k.shape[0], k.shape[1], heads, d).permute(0, 2, 1, 3).double()
-    vh = v.reshape(v.shape[0], v.shape[1], heads, d).permute(0, 2, 1, 3).double()
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (weights @ vh).permute(0, 2, 1, 3).reshape(batch, tokens, inner)
+    return torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+
+
+def attention_by_hand(q, k, v, heads):
+    """softmax(q k^T / sqrt(d)) v per head, written out independently of the pack."""
+    batch, tokens, inner = q.shape
+    vh = v.reshape(v.shape[0], v.shape[1], heads, inner // heads).permute(0, 2, 1, 3).double()
+    return (attention_weights_by_hand(q, k, heads) @ vh).permute(0, 2, 1, 3).reshape(batch, tokens, inner)
+
+
+def relative_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def assert_relative_close(actual, expected, tolerance=1e-5):
     """||actual - expected|| <= tolerance * ||expected||: batch layout alone moves float32 results by ~1e-6."""
-    error = ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+    error = relative_error(actual, expected)
     assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
 
 

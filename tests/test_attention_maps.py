@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from helpers import (encode, latent_reference, record_self_attention, run_node, sample, self_attention_module,
-                     style_aligned, vsp, with_separate_cond_batches)
+from helpers import (attention_weights_by_hand, encode, latent_reference, record_attention, run_node, sample,
+                     self_attention_module, style_aligned, vsp, with_separate_cond_batches)
 
 LAYER = ("output", 3, 0)
 CUSTOM = "output.3.0"
@@ -27,11 +27,7 @@ def heatmap(maps, images, layers="", tokens="1", query_x=0.5, query_y=0.5, opaci
 
 def probabilities_by_hand(q, k, heads):
     """softmax(q k^T / sqrt(d)) per head, averaged over heads, in float64: (batch, queries, keys)."""
-    batch, tokens, inner = q.shape
-    d = inner // heads
-    qh = q.double().reshape(batch, tokens, heads, d).transpose(1, 2)
-    kh = k.double().reshape(k.shape[0], k.shape[1], heads, d).transpose(1, 2)
-    return torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1).mean(dim=1)
+    return attention_weights_by_hand(q, k, heads).mean(dim=1)
 
 
 def prompts(models):
@@ -42,16 +38,10 @@ def prompts(models):
 def test_captured_maps_equal_the_softmax_of_the_layer_and_rows_sum_to_one(models, kind):
     positive, negative = prompts(models)
     captured, maps = capture(models.model, attention=kind)
-    attention_module = self_attention_module(models.model, LAYER)
-    module = attention_module.attn1 if kind == "self_attention" else attention_module.attn2
-    calls = []
-    handles = [module.to_q.register_forward_hook(lambda m, i, o: calls.append({"q": o.detach().clone()})),
-               module.to_k.register_forward_hook(lambda m, i, o: calls[-1].update(k=o.detach().clone()))]
-    try:
+    which = "attn1" if kind == "self_attention" else "attn2"
+    module = getattr(self_attention_module(models.model, LAYER), which)
+    with record_attention(models.model, LAYER, which) as calls:
         sample(captured, positive, negative, batch=2, steps=3, cfg=1.0)  # cfg 1: every call is the cond batch
-    finally:
-        for handle in handles:
-            handle.remove()
     assert len(calls) == 3
     expected = torch.stack([probabilities_by_hand(c["q"], c["k"], module.heads) for c in calls]).mean(dim=0)
     (layer,) = maps.layers.values()
@@ -67,7 +57,7 @@ def test_only_the_cond_images_are_captured_whatever_the_batch_layout(sd15):
     positive, negative = prompts(sd15)
     captured, maps = capture(sd15.model)
     heads = self_attention_module(sd15.model, LAYER).attn1.heads
-    with record_self_attention(sd15.model, LAYER) as calls:
+    with record_attention(sd15.model, LAYER) as calls:
         sample(with_separate_cond_batches(captured), positive, negative, batch=2, steps=2, cfg=4.0)
     cond_calls = calls[0::2]  # separate calls, cond first
     expected = torch.stack([probabilities_by_hand(c["q"], c["k"], heads) for c in cond_calls]).mean(dim=0)
@@ -83,7 +73,7 @@ def test_vsp_maps_show_where_targets_look_in_the_in_batch_reference(sd15):
     positive, negative = prompts(sd15)
     captured, maps = capture(vsp(sd15.model, layers="custom", custom_layers=CUSTOM))
     heads = self_attention_module(sd15.model, LAYER).attn1.heads
-    with record_self_attention(sd15.model, LAYER) as calls:
+    with record_attention(sd15.model, LAYER) as calls:
         sample(captured, positive, negative, batch=3, steps=1, cfg=1.0)
     (call,) = calls
     layer = maps.layers[LAYER]

@@ -24,11 +24,6 @@ PACK_FOLDER = "style-attention-nodes"
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True, "Comfy.Minimap.Visible": False}
 
 
-def get_json(base: str, path: str):
-    with urllib.request.urlopen(base + path, timeout=30) as response:
-        return json.loads(response.read())
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     demo.make_random_checkpoint()
@@ -50,8 +45,6 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not frontend.CHROMIUM.is_file():
-        pytest.fail(f"{frontend.CHROMIUM} is missing: `make setup` installs Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -67,12 +60,12 @@ def browser(tmp_path_factory):
 def wait_for_new_prompt(base: str, known: set, timeout: float) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        history = get_json(base, "/history")
+        history = demo.request(base, "/history")
         done = [prompt_id for prompt_id in set(history) - known if history[prompt_id]["status"].get("completed")]
         if done:
             return done[0]
         time.sleep(1)
-    raise AssertionError(f"no queued prompt finished within {timeout} s (queue: {get_json(base, '/queue')})")
+    raise AssertionError(f"no queued prompt finished within {timeout} s (queue: {demo.request(base, '/queue')})")
 
 
 def visible_dialogs(page) -> list[str]:
@@ -121,10 +114,10 @@ def test_a_workflow_queued_with_the_run_button_produces_its_image(server, browse
             }""",
             [checkpoint_name],
         )
-        history_before = set(get_json(base, "/history"))
+        history_before = set(demo.request(base, "/history"))
         page.get_by_role("button", name="Run", exact=True).first.click()
         prompt_id = wait_for_new_prompt(base, history_before, timeout=300)
-        history = get_json(base, "/history")
+        history = demo.request(base, "/history")
         entry = history[prompt_id]
         assert entry["status"]["status_str"] == "success", entry["status"]
         images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
@@ -139,7 +132,7 @@ def test_a_workflow_queued_with_the_run_button_produces_its_image(server, browse
 
 def test_the_workflows_are_offered_in_the_template_browser(server, browser):
     base, _ = server
-    templates = get_json(base, "/api/workflow_templates")
+    templates = demo.request(base, "/api/workflow_templates")
     assert sorted(templates[PACK_FOLDER]) == sorted(path.stem for path in WORKFLOWS)
     page, errors = frontend.open_frontend(browser, base)
     try:
@@ -152,8 +145,7 @@ def test_the_workflows_are_offered_in_the_template_browser(server, browser):
         assert all(path.stem in text for path in WORKFLOWS), text
         page.screenshot(path=str(SCREENSHOTS / "template_browser.png"))
         dialog.get_by_text(QUEUED_WORKFLOW.removesuffix(".json"), exact=True).first.click()
-        expected = len(json.loads((REPO / "example_workflows" / QUEUED_WORKFLOW).read_text())["nodes"])
-        page.wait_for_function("n => window.app.graph.nodes.length === n", arg=expected, timeout=60_000)
+        frontend.wait_for_workflow(page, REPO / "example_workflows" / QUEUED_WORKFLOW)
         assert unknown_nodes(page) == [] and errors == []
     finally:
         page.close()

@@ -10,7 +10,7 @@ import comfy.sample
 import folder_paths
 import random_models
 from conftest import pack_submodule
-from helpers import encode, run_node
+from helpers import encode, invert, relative_error, run_node
 
 ddim = pack_submodule("inversion.ddim")
 
@@ -23,20 +23,11 @@ def ideal_gaussian_denoiser(apply_model, args):
     return DATA_MEAN + DATA_STD**2 / (DATA_STD**2 + sigma**2) * (x - DATA_MEAN)
 
 
-def invert(model, latent, positive, negative, steps, cfg=1.0, scheduler="normal"):
-    return run_node("DDIMInversion", model=model, latent={"samples": latent}, positive=positive, negative=negative,
-                    steps=steps, cfg=cfg, scheduler=scheduler)
-
-
 def sample_back(model, inverted, positive, negative, steps, cfg=1.0, scheduler="normal"):
     """KSamplerAdvanced with add_noise disabled: zero noise, start from the inverted latent."""
     samples = inverted["samples"]
     return comfy.sample.sample(model, torch.zeros_like(samples), steps, cfg, "euler", scheduler, positive, negative,
                                samples, disable_pbar=True, seed=0)
-
-
-def relative_error(actual, expected):
-    return float((actual - expected).norm() / expected.norm())
 
 
 @pytest.fixture(scope="module")

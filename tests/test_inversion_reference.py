@@ -3,18 +3,15 @@
 import pytest
 import torch
 
-from helpers import encode, run_node, sample, style_aligned, vsp
+from helpers import encode, inversion_reference, invert, sample, style_aligned, vsp
 
 
 @pytest.fixture(scope="module")
 def inverted_reference(sd15):
-    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))}
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
     positive, negative = encode(sd15.clip, "a painting"), encode(sd15.clip, "")
-    _, trajectory = run_node("DDIMInversion", model=sd15.model, latent=latent, positive=positive, negative=negative,
-                             steps=4, cfg=1.0, scheduler="normal")
-    (reference,) = run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="a painting",
-                            cache_megabytes=0, cache_on_cpu=False)
-    return reference, trajectory
+    _, trajectory = invert(sd15.model, latent, positive, negative, steps=4)
+    return inversion_reference(sd15, trajectory), trajectory
 
 
 @pytest.mark.parametrize("node", ["vsp", "style_aligned"])
@@ -48,10 +45,7 @@ def test_sampling_with_another_schedule_is_a_clear_error(sd15, inverted_referenc
 
 
 def test_an_inversion_of_several_images_is_refused(sd15):
-    latent = {"samples": torch.randn(2, 4, 8, 8)}
     positive, negative = encode(sd15.clip, ""), encode(sd15.clip, "")
-    _, trajectory = run_node("DDIMInversion", model=sd15.model, latent=latent, positive=positive, negative=negative,
-                             steps=2, cfg=1.0, scheduler="normal")
+    _, trajectory = invert(sd15.model, torch.randn(2, 4, 8, 8), positive, negative, steps=2)
     with pytest.raises(ValueError, match="inversion: holds 2 images; a reference is one image"):
-        run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="", cache_megabytes=0,
-                 cache_on_cpu=False)
+        inversion_reference(sd15, trajectory, prompt="")

@@ -1,35 +1,23 @@
 """Layer presets resolve from the actual UNet, per architecture, and never to nothing."""
 
+import copy
+
 import pytest
 
 import comfy.model_patcher
 import comfy.supported_models
 from conftest import pack_submodule
 from helpers import vsp
+from random_models import FULL_SD15_UNET, FULL_SDXL_UNET
 
 layers_module = pack_submodule("attention_patches.layers")
 model_layers = pack_submodule("nodes.model_layers")
-
-
-def full_size_unet_config(name):
-    """The unet_config ComfyUI 0.3.75 detects for a real checkpoint (as in comfy/model_detection.py)."""
-    common = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-              "use_spatial_transformer": True, "legacy": False, "model_channels": 320,
-              "use_temporal_attention": False, "use_temporal_resblock": False}
-    if name == "SD15":
-        return {**common, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
-                "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-                "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
-                "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
-    return {**common, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
-            "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
-            "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+FULL_UNET_CONFIGS = {"SD15": FULL_SD15_UNET, "SDXL": FULL_SDXL_UNET}
 
 
 def meta_model(name):
     """A full-size model's module structure, without memory for weights."""
-    config = getattr(comfy.supported_models, name)(full_size_unet_config(name))
+    config = getattr(comfy.supported_models, name)(copy.deepcopy(FULL_UNET_CONFIGS[name]))
     model = config.get_model({}, device="meta")
     return comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
 

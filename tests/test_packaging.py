@@ -51,12 +51,9 @@ def test_the_pack_loads_under_another_folder_name(tmp_path):
     renamed.symlink_to(REPO, target_is_directory=True)
     script = f"""
 import asyncio, sys
-sys.path.insert(0, {str(COMFYUI_DIR)!r})
-import utils.install_util
-import comfy.options
-comfy.options.enable_args_parsing(False)
-from comfy.cli_args import args
-args.cpu = True
+sys.path.insert(0, {str(REPO / "scripts")!r})
+import comfyui_host
+comfyui_host.prepare(cpu=True)
 import nodes
 assert asyncio.run(nodes.load_custom_node({str(renamed)!r}, module_parent="custom_nodes")), "the pack failed to load"
 missing = [i for i in {list(PACK_NODE_IDS)!r} if i not in nodes.NODE_CLASS_MAPPINGS]

@@ -7,7 +7,7 @@ import torch
 import comfy.model_management
 import comfy.patcher_extension
 from conftest import pack_submodule
-from helpers import assert_relative_close, encode, latent_reference, run_node, sample, style_aligned, vsp
+from helpers import assert_relative_close, encode, inversion_reference, invert, latent_reference, sample, style_aligned, vsp
 
 reference_cache = pack_submodule("attention_patches.reference_cache")
 reference_module = pack_submodule("attention_patches.reference")
@@ -57,14 +57,12 @@ def test_cached_runs_replay_the_reference_and_equal_the_uncached_run(models, nod
 
 
 def test_an_inversion_reference_is_cached_too(sd15):
-    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     positive, negative = encode(sd15.clip, "a painting"), encode(sd15.clip, "")
-    _, trajectory = run_node("DDIMInversion", model=sd15.model, latent=latent, positive=positive, negative=negative,
-                             steps=STEPS, cfg=1.0, scheduler="normal")
+    _, trajectory = invert(sd15.model, latent, positive, negative, steps=STEPS)
     results = []
     for megabytes in (0, 64):
-        (reference,) = run_node("StyleReferenceInversion", inversion=trajectory, clip=sd15.clip, prompt="a painting",
-                                cache_megabytes=megabytes, cache_on_cpu=True)
+        reference = inversion_reference(sd15, trajectory, cache_megabytes=megabytes, cache_on_cpu=True)
         styled = vsp(sd15.model, reference=reference)
         results.append([run(styled, sd15), run(styled, sd15)])
     (uncached, _), (cached_first, cached_second) = results

@@ -3,30 +3,19 @@
 import pytest
 import torch
 
-from helpers import (adain_by_hand, assert_relative_close, attention_by_hand, encode, group_norm_by_hand, latent_reference, record_self_attention,
-                     run_node, sample, self_attention_module, shared_attention_by_hand, style_aligned,
-                     with_separate_cond_batches)
-
-
-def prompts(models, batch=3):
-    (conditioning, _) = run_node("ReferenceTargetPrompts", clip=models.clip, reference_prompt="a cat",
-                                 target_prompts="\n".join(f"a dog {i}" for i in range(batch - 1)),
-                                 style_description="in watercolor style")
-    return conditioning, encode(models.clip, "")
-
-
-def selected_layers(model):
-    return list(model.model_options["transformer_options"]["patches_replace"]["attn1"])
+from helpers import (adain_by_hand, assert_relative_close, attention_by_hand, batch_prompts, encode, group_norm_by_hand,
+                     latent_reference, record_attention, sample, selected_layers, self_attention_module,
+                     shared_attention_by_hand, style_aligned, with_separate_cond_batches)
 
 
 @pytest.mark.parametrize("adain_values,scale,shift", [(False, 1.0, 0.0), (False, 1.0, 0.693), (True, 0.8, 0.5)])
 def test_shared_attention_equals_formula_at_a_selected_layer(models, adain_values, scale, shift):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     styled = style_aligned(models.model, adain_values=adain_values, shared_score_scale=scale,
                            shared_score_shift=shift)
     layer = selected_layers(styled)[len(selected_layers(styled)) // 2]
     heads = self_attention_module(styled, layer).attn1.heads
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, batch=3, steps=1, cfg=4.0)
     (call,) = calls
     q, k, v, out = call["q"], call["k"], call["v"], call["out"]
@@ -40,11 +29,11 @@ def test_shared_attention_equals_formula_at_a_selected_layer(models, adain_value
 
 
 def test_adain_only_when_attention_is_not_shared(sd15):
-    positive, negative = prompts(sd15)
+    positive, negative = batch_prompts(sd15)
     styled = style_aligned(sd15.model, share_attention=False)
     layer = selected_layers(styled)[0]
     heads = self_attention_module(styled, layer).attn1.heads
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, steps=1, cfg=1.0)
     q, k, v, out = (calls[0][name] for name in ("q", "k", "v", "out"))
     expected = attention_by_hand(adain_by_hand(q[1:], q[:1]).float(), adain_by_hand(k[1:], k[:1]).float(), v[1:],
@@ -54,7 +43,7 @@ def test_adain_only_when_attention_is_not_shared(sd15):
 
 @pytest.mark.parametrize("batch", [2, 3, 4])
 def test_the_reference_equals_its_prompt_sampled_alone(models, batch):
-    positive, negative = prompts(models, batch)
+    positive, negative = batch_prompts(models, batch)
     styled = sample(style_aligned(models.model, shared_group_norm="on"), positive, negative, batch=batch)
     reference_alone = sample(models.model, [[positive[0][0][:1], {k: v[:1] for k, v in positive[0][1].items()}]],
                              negative, batch=1)
@@ -64,7 +53,7 @@ def test_the_reference_equals_its_prompt_sampled_alone(models, batch):
 
 
 def test_shared_group_norm_uses_joint_statistics_with_the_reference(sd15):
-    positive, negative = prompts(sd15)
+    positive, negative = batch_prompts(sd15)
     styled = style_aligned(sd15.model, shared_group_norm="on")
     key = "diffusion_model.input_blocks.1.0.in_layers.0"
     shared, norm = styled.object_patches[key], sd15.model.get_model_object(key)
@@ -93,7 +82,7 @@ def test_norm_sharing_follows_the_architecture_by_default(sd15, sdxl):
 
 @pytest.mark.parametrize("mode", ["in_batch", "external"])
 def test_styled_run_leaves_the_model_and_its_norms_as_they_were(models, mode):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     fresh = sample(models.model, positive, negative)  # loads the plain model: its own modules in place
     unet = models.model.get_model_object("diffusion_model")
     norm = unet.input_blocks[1][0].in_layers[0]
@@ -108,7 +97,7 @@ def test_styled_run_leaves_the_model_and_its_norms_as_they_were(models, mode):
 
 @pytest.mark.parametrize("mode", ["in_batch", "external"])
 def test_cond_and_uncond_together_equal_separately_in_either_order(models, mode):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     reference = latent_reference(models) if mode == "external" else None
     styled = style_aligned(models.model, reference=reference, shared_group_norm="on", shared_score_shift=0.5)
     together = sample(styled, positive, negative)
@@ -122,7 +111,7 @@ def test_external_reference_attention_and_norms_use_the_reference_pass(sd15):
                            shared_score_shift=0.693)
     layer = selected_layers(styled)[0]
     heads = self_attention_module(styled, layer).attn1.heads
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, batch=2, steps=1, cfg=4.0)
     reference_call, target_call = calls
     expected = shared_attention_by_hand(target_call["q"], target_call["k"], target_call["v"], reference_call["q"],
@@ -143,7 +132,7 @@ def test_bad_inputs_name_the_input(sd15):
 
 
 def test_an_empty_active_range_equals_the_unstyled_run(models):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     plain = sample(models.model, positive, negative)
     styled = style_aligned(models.model, shared_group_norm="on", start_percent=0.3, end_percent=0.3)
     assert torch.equal(sample(styled, positive, negative), plain)

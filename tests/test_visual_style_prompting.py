@@ -3,30 +3,18 @@
 import pytest
 import torch
 
-from helpers import (assert_relative_close, attention_by_hand, encode, latent_reference, record_self_attention, run_node, sample,
-                     self_attention_module, vsp, with_separate_cond_batches)
+from helpers import (assert_relative_close, attention_by_hand, batch_prompts, encode, latent_reference, record_attention,
+                     sample, selected_layers, self_attention_module, vsp, with_separate_cond_batches)
 
 import comfy.sample
 
 
-def prompts(models, batch=3):
-    (conditioning, batch_size) = run_node("ReferenceTargetPrompts", clip=models.clip, reference_prompt="a cat",
-                                          target_prompts="\n".join(f"a dog {i}" for i in range(batch - 1)),
-                                          style_description="watercolor")
-    assert batch_size == batch
-    return conditioning, encode(models.clip, "")
-
-
-def selected_layers(model):
-    return list(model.model_options["transformer_options"]["patches_replace"]["attn1"])
-
-
 def test_in_batch_swap_equals_formula_at_a_selected_layer(models):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     styled = vsp(models.model)
     layer = selected_layers(styled)[0]
     heads = self_attention_module(styled, layer).attn1.heads
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, batch=3, steps=1, cfg=4.0)
     (call,) = calls  # cond and uncond in one model call
     q, k, v, out = call["q"], call["k"], call["v"], call["out"]
@@ -42,7 +30,7 @@ def test_in_batch_swap_equals_formula_at_a_selected_layer(models):
 
 
 def test_unselected_self_attention_and_all_cross_attention_run_comfyui_code(models):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     styled = vsp(models.model)
     selected = set(selected_layers(styled))
     assert selected and all(key[0] == "output" for key in selected)
@@ -71,7 +59,7 @@ def test_external_reference_swap_equals_formula(models):
     styled = vsp(models.model, reference=reference)
     layer = selected_layers(styled)[-1]
     heads = self_attention_module(styled, layer).attn1.heads
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, batch=2, steps=1, cfg=4.0)
     reference_call, target_call = calls
     assert reference_call["q"].shape[0] == 1 and target_call["q"].shape[0] == 4
@@ -99,7 +87,7 @@ def test_external_reference_is_the_forward_noised_latent(models):
 
 @pytest.mark.parametrize("mode", ["in_batch", "external"])
 def test_styled_run_leaves_no_trace_on_the_model(models, mode):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     fresh = sample(models.model, positive, negative)
     reference = latent_reference(models) if mode == "external" else None
     styled = sample(vsp(models.model, reference=reference), positive, negative)
@@ -110,7 +98,7 @@ def test_styled_run_leaves_no_trace_on_the_model(models, mode):
 
 @pytest.mark.parametrize("mode", ["in_batch", "external"])
 def test_cond_and_uncond_together_equal_separately_in_either_order(models, mode):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     reference = latent_reference(models) if mode == "external" else None
     styled = vsp(models.model, reference=reference)
     together = sample(styled, positive, negative)
@@ -121,10 +109,10 @@ def test_cond_and_uncond_together_equal_separately_in_either_order(models, mode)
 
 
 def test_cfg_one_runs_cond_alone(models):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     styled = vsp(models.model)
     layer = selected_layers(styled)[0]
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, steps=1, cfg=1.0)
     assert calls[0]["q"].shape[0] == 3
     heads = self_attention_module(styled, layer).attn1.heads
@@ -135,7 +123,7 @@ def test_cfg_one_runs_cond_alone(models):
 
 @pytest.mark.parametrize("sampler,scheduler", [("dpmpp_2m", "karras"), ("ddim", "ddim_uniform"), ("euler_ancestral", "normal")])
 def test_any_sampler_and_scheduler(sd15, sampler, scheduler):
-    positive, negative = prompts(sd15)
+    positive, negative = batch_prompts(sd15)
     plain = sample(sd15.model, positive, negative, sampler=sampler, scheduler=scheduler)
     styled = sample(vsp(sd15.model), positive, negative, sampler=sampler, scheduler=scheduler)
     assert torch.isfinite(styled).all()
@@ -144,7 +132,7 @@ def test_any_sampler_and_scheduler(sd15, sampler, scheduler):
 
 
 def test_strength_zero_and_an_empty_range_equal_the_unstyled_run(models):
-    positive, negative = prompts(models)
+    positive, negative = batch_prompts(models)
     plain = sample(models.model, positive, negative)
     assert torch.equal(sample(vsp(models.model, strength=0.0), positive, negative), plain)
     assert torch.equal(sample(vsp(models.model, start_percent=0.4, end_percent=0.4), positive, negative), plain)
@@ -154,11 +142,11 @@ def test_strength_zero_and_an_empty_range_equal_the_unstyled_run(models):
 
 
 def test_strength_blends_toward_the_targets_own_attention(sd15):
-    positive, negative = prompts(sd15)
+    positive, negative = batch_prompts(sd15)
     styled = vsp(sd15.model, strength=0.25)
     layer = selected_layers(styled)[0]
     heads = self_attention_module(styled, layer).attn1.heads
-    with record_self_attention(styled, layer) as calls:
+    with record_attention(styled, layer) as calls:
         sample(styled, positive, negative, steps=1, cfg=1.0)
     q, k, v, out = (calls[0][name] for name in ("q", "k", "v", "out"))
     swapped = attention_by_hand(q[1:], k[:1].expand(2, -1, -1), v[:1].expand(2, -1, -1), heads)
@@ -167,13 +155,13 @@ def test_strength_blends_toward_the_targets_own_attention(sd15):
 
 
 def test_active_range_limits_the_swap_to_its_steps(sd15):
-    positive, negative = prompts(sd15)
+    positive, negative = batch_prompts(sd15)
     plain = vsp(sd15.model, strength=0.0)
     late_only = vsp(sd15.model, start_percent=0.5, end_percent=1.0)
     layer = selected_layers(late_only)[0]
     outputs = {}
     for name, model in (("plain", plain), ("late_only", late_only)):
-        with record_self_attention(model, layer) as calls:
+        with record_attention(model, layer) as calls:
             sample(model, positive, negative, steps=4, cfg=1.0)
         outputs[name] = calls
     torch.testing.assert_close(outputs["late_only"][0]["out"], outputs["plain"][0]["out"])  # first step: off
