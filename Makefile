@@ -1,10 +1,10 @@
 # `make test` and `make demo` provision everything they need (idempotent): a python3.11 venv with
-# pinned torch, ComfyUI 0.3.75 under .comfyui/ (or the one at COMFYUI_DIR), this pack linked into it.
+# pinned torch and the test tools, and the ComfyUI hosts of scripts/hosts.py (0.3.75 and 0.8.0 under
+# .comfyui/, each with a small venv of its own requirements layered on .venv), this pack linked into
+# each. COMFYUI_DIR=/path/to/ComfyUI uses that ComfyUI alone.
 PYTHON ?= python3.11
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
-COMFYUI_DIR ?= $(CURDIR)/.comfyui/ComfyUI
-export COMFYUI_DIR
 
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 REQUIREMENTS := requirements.txt tests/requirements-comfyui.txt tests/requirements-test.txt
@@ -14,7 +14,7 @@ REQUIREMENTS := requirements.txt tests/requirements-comfyui.txt tests/requiremen
 CHROMIUM := /usr/bin/chromium
 
 setup: $(VENV)/.installed $(CHROMIUM)
-	$(PY) scripts/install_comfyui.py "$(COMFYUI_DIR)"
+	$(PY) scripts/hosts.py setup
 
 # Debian's Chromium for the browser test (Playwright cannot download browsers here). Without root
 # the other tests still run and the browser test fails saying what is missing.
@@ -29,14 +29,16 @@ $(VENV)/.installed: $(REQUIREMENTS) Makefile
 	$(PY) -m pip install --quiet $(TORCH_PINS) $(addprefix -r ,$(REQUIREMENTS))
 	touch $@
 
-test: setup
-	$(PY) -m pytest
+# the whole suite on each host (scripts/hosts.py says which host runs the end-to-end tests)
+test: $(VENV)/.installed $(CHROMIUM)
+	$(PY) scripts/hosts.py test
 
-demo: setup
-	$(PY) scripts/demo.py
+# demo and bench run on the newest host: ComfyUI 0.8.0 (0.3.75 without ../shared), or COMFYUI_DIR
+demo: $(VENV)/.installed
+	$(PY) scripts/hosts.py run scripts/demo.py
 
-bench: setup
-	$(PY) bench/run.py
+bench: $(VENV)/.installed
+	$(PY) scripts/hosts.py run bench/run.py
 
 clean:
 	rm -rf $(VENV) .comfyui output

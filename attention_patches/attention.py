@@ -1,7 +1,8 @@
 """The attention kernel the behaviours call, passed in explicitly so ComfyUI's own can be used."""
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -30,17 +31,45 @@ def scaled_dot_product_attention(query, key, value, heads: int, attn_precision=N
     return out.transpose(1, 2).reshape(batch, -1, inner_dim).to(out_dtype)
 
 
+def takes_transformer_options(kernel: Callable) -> bool:
+    """Whether a ComfyUI kernel accepts transformer_options (those behind its wrap_attn do, and then
+    honour an `optimized_attention_override` found there)."""
+    parameters = inspect.signature(kernel).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD or p.name == "transformer_options" for p in parameters)
+
+
 @dataclass(frozen=True)
 class KernelAttention:
     """ComfyUI's attention kernel (whichever it picked: xformers, sage, PyTorch, sub-quadratic ...).
 
-    Calls with a score bias go to PyTorch's kernel: ComfyUI's kernels broadcast masks differently and
-    some accept and ignore arguments they do not know.
+    Bound to a model call's transformer_options (for_call), it hands them to the kernel, so an
+    attention back-end another node chose through `optimized_attention_override` runs in the layers
+    this pack patches too, as in every other layer. Calls with a score bias go to PyTorch's kernel:
+    ComfyUI's kernels broadcast masks differently, some accept and ignore arguments they do not
+    know, and an override's back-end may take no mask at all.
     """
 
     kernel: Callable
+    passes_options: bool = False
+    transformer_options: dict | None = None
+
+    @classmethod
+    def of(cls, kernel: Callable) -> "KernelAttention":
+        return cls(kernel, passes_options=takes_transformer_options(kernel))
+
+    def for_call(self, transformer_options: dict) -> "KernelAttention":
+        return replace(self, transformer_options=transformer_options) if self.passes_options else self
 
     def __call__(self, query, key, value, heads: int, attn_precision=None, bias=None) -> torch.Tensor:
-        if bias is None:
+        if bias is not None:
+            return scaled_dot_product_attention(query, key, value, heads, attn_precision=attn_precision, bias=bias)
+        if self.transformer_options is None:
             return self.kernel(query, key, value, heads, attn_precision=attn_precision)
-        return scaled_dot_product_attention(query, key, value, heads, attn_precision=attn_precision, bias=bias)
+        return self.kernel(query, key, value, heads, attn_precision=attn_precision,
+                           transformer_options=self.transformer_options)
+
+
+def for_call(attention: AttentionFunction, transformer_options: dict) -> AttentionFunction:
+    """attention bound to this model call's transformer_options, where it can use them."""
+    bind = getattr(attention, "for_call", None)
+    return attention if bind is None else bind(transformer_options)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionFunction
+from .attention import AttentionFunction, for_call
 from .layers import SelfAttentionLayer, layer_name
 from .reference import REFERENCE_STORE_OPTION, batch_chunks
 from .sigma_range import SigmaRange
@@ -174,8 +174,8 @@ class CapturingAttention:
     key_sources: tuple[str, ...]  # ("self",) for self-attention, ("text",) for cross-attention
 
     def __call__(self, query, key, value, extra_options: dict) -> torch.Tensor:
-        attention = with_capture(self.attention, self.layer, extra_options, self.key_sources, query.shape[0],
-                                 extra_options["cond_or_uncond"])
+        attention = with_capture(for_call(self.attention, extra_options), self.layer, extra_options, self.key_sources,
+                                 query.shape[0], extra_options["cond_or_uncond"])
         return attention(query, key, value, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
 
 

@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-from .attention import AttentionFunction
+from .attention import AttentionFunction, for_call
 from .attention_maps import with_capture
 from .layers import SelfAttentionLayer
 from .reference import REFERENCE_STORE_OPTION, ReferenceFeatures, in_batch_references
@@ -44,14 +44,15 @@ class StyledSelfAttention:
         precision = extra_options.get("attn_precision")
         store = extra_options.get(REFERENCE_STORE_OPTION)
         cond_or_uncond = extra_options["cond_or_uncond"]
+        kernel = for_call(self.attention, extra_options)
         if not self.active_range.contains(float(extra_options["sigmas"][0])) or (store is None and not self.in_batch):
-            attention = with_capture(self.attention, self.layer, extra_options, ("self",), query.shape[0], cond_or_uncond)
+            attention = with_capture(kernel, self.layer, extra_options, ("self",), query.shape[0], cond_or_uncond)
             return attention(query, key, value, heads, attn_precision=precision)
         if store is not None:
             if store.recording:
                 store.record(self.layer, ReferenceFeatures(query, key, value))
-                return self.attention(query, key, value, heads, attn_precision=precision)
-            attention = with_capture(self.attention, self.layer, extra_options, self.method.key_sources, query.shape[0],
+                return kernel(query, key, value, heads, attn_precision=precision)
+            attention = with_capture(kernel, self.layer, extra_options, self.method.key_sources, query.shape[0],
                                      cond_or_uncond)
             return self.method(query, key, value, store.get(self.layer), heads, attention, precision)
 
@@ -59,9 +60,9 @@ class StyledSelfAttention:
         for (ref, targets), kind in zip(in_batch_references(query.shape[0], cond_or_uncond), cond_or_uncond):
             reference = ReferenceFeatures(query[ref], key[ref], value[ref])
             # the reference's own attention is not captured: maps start at batch item 1
-            attention = with_capture(self.attention, self.layer, extra_options, self.method.key_sources,
+            attention = with_capture(kernel, self.layer, extra_options, self.method.key_sources,
                                      targets.stop - targets.start, [kind], first_image=1)
-            outputs.append(self.attention(query[ref], key[ref], value[ref], heads, attn_precision=precision))
+            outputs.append(kernel(query[ref], key[ref], value[ref], heads, attn_precision=precision))
             outputs.append(
                 self.method(query[targets], key[targets], value[targets], reference, heads, attention, precision)
             )

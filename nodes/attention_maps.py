@@ -58,7 +58,7 @@ class ProvideCapture:
 def install_capture_patches(model: comfy.model_patcher.ModelPatcher, layers, kind: str, patch_name: str) -> None:
     """A capturing replace patch per layer; a layer this pack already styles records by itself."""
     replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(patch_name, {})
-    attention = KernelAttention(comfy.ldm.modules.attention.optimized_attention)
+    attention = KernelAttention.of(comfy.ldm.modules.attention.optimized_attention)
     for layer in layers:
         existing = replaced.get(layer)
         if isinstance(existing, StyledSelfAttention):

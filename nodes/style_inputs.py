@@ -57,7 +57,7 @@ def install_styled_self_attention(
             layer=layer,
             method=method,
             active_range=active_range,
-            attention=KernelAttention(comfy.ldm.modules.attention.optimized_attention),
+            attention=KernelAttention.of(comfy.ldm.modules.attention.optimized_attention),
             in_batch=in_batch,
         )
         model.set_model_attn1_replace(styled, *layer)

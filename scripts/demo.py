@@ -1,35 +1,41 @@
-"""`make demo`: run the SD1.5 example workflows headless through a real ComfyUI server.
+"""`make demo`: run example workflows headless through a real ComfyUI server.
 
-CKPT=/path/to/model.safetensors runs them on your SD1.5 checkpoint, exactly as saved. Without it,
-a checkpoint with random weights (generated once) stands in; random weights draw noise, not
-pictures, and the demo shrinks the images and steps to keep that quick.
+By default three SD1.5 workflows (in-batch Visual Style Prompting, StyleAligned from prompts,
+Visual Style Prompting from a DDIM-inverted reference image); `--all` (make demo ALL=1) runs every
+SD1.5 workflow. CKPT=/path/to/model.safetensors runs them on your SD1.5 checkpoint, exactly as
+saved. Without it, a checkpoint with random weights (generated once) stands in; random weights draw
+noise, not pictures, and the demo shrinks the images and steps to keep that quick.
 """
 
+import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfyui_host import COMFYUI_DIR, REPO  # noqa: E402
+from comfyui_server import request, running_server, terminate_on_sigterm  # noqa: E402
+from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
+
 OUTPUT_DIR = REPO / "output"
 RANDOM_CHECKPOINT = REPO / ".comfyui" / "RANDOM-WEIGHTS-NOT-A-MODEL-sd15.safetensors"
 # Every example workflow for SD1.5: the SDXL ones need an SDXL checkpoint (run them from the frontend).
-WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json") if "sdxl" not in path.stem)
-
-from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
+ALL_WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json") if "sdxl" not in path.stem)
+DEFAULT_WORKFLOWS = ["visual_style_prompting_in_batch.json", "style_aligned_prompts_sd15.json",
+                     "visual_style_prompting_inversion.json"]
+# With random weights: small images and few steps, since the pictures are noise anyway.
+RANDOM_WEIGHTS_SIDE, RANDOM_WEIGHTS_STEPS = 256, 8
 
 
 def make_random_checkpoint() -> None:
     if RANDOM_CHECKPOINT.is_file():
         return
-    print(f"generating a random-weight SD1.5-shaped checkpoint once: {RANDOM_CHECKPOINT}")
+    print(f"generating a random-weight SD1.5-shaped checkpoint once: {RANDOM_CHECKPOINT}", flush=True)
+    RANDOM_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     partial = RANDOM_CHECKPOINT.with_suffix(".partial")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
@@ -43,6 +49,8 @@ def make_random_checkpoint() -> None:
 def link_into_checkpoints(checkpoint: Path) -> str:
     folder = COMFYUI_DIR / "models" / "checkpoints"
     link = folder / checkpoint.name
+    if link.is_symlink() and not link.exists():  # left by a checkpoint that moved
+        link.unlink()
     if not link.exists():
         link.symlink_to(checkpoint.resolve())
     return checkpoint.name
@@ -58,41 +66,6 @@ def small_copy_of_input(name: str, side: int) -> str:
     return small_name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def request(base: str, path: str, payload: dict | None = None):
-    data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def start_server(port: int, log_path: Path) -> subprocess.Popen:
-    import torch
-
-    command = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port),
-               "--output-directory", str(OUTPUT_DIR), "--disable-auto-launch"]
-    if not torch.cuda.is_available():
-        command.append("--cpu")
-    log = open(log_path, "w")
-    server = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"ComfyUI exited during start-up; see {log_path}")
-        try:
-            request(f"http://127.0.0.1:{port}", "/system_stats")
-            return server
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.5)
-    server.terminate()
-    raise SystemExit(f"ComfyUI did not answer within 180 s; see {log_path}")
-
-
 def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: bool) -> list[Path]:
     schemas = request(base, "/object_info")
     workflow = json.loads((REPO / "example_workflows" / name).read_text())
@@ -101,11 +74,11 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = checkpoint_name
         elif random_weights and node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=256, height=256)
+            node["inputs"].update(width=RANDOM_WEIGHTS_SIDE, height=RANDOM_WEIGHTS_SIDE)
         elif random_weights and node["class_type"] in ("KSampler", "DDIMInversion"):
-            node["inputs"]["steps"] = 8
+            node["inputs"]["steps"] = RANDOM_WEIGHTS_STEPS
         elif random_weights and node["class_type"] == "LoadImage":
-            node["inputs"]["image"] = small_copy_of_input(node["inputs"]["image"], 256)
+            node["inputs"]["image"] = small_copy_of_input(node["inputs"]["image"], RANDOM_WEIGHTS_SIDE)
     queued = request(base, "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
     prompt_id = queued["prompt_id"]
     while True:
@@ -125,6 +98,10 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--all", action="store_true", default=os.environ.get("ALL") == "1",
+                        help="every SD1.5 example workflow, not only the default three (also ALL=1)")
+    workflows = ALL_WORKFLOWS if parser.parse_args().all else DEFAULT_WORKFLOWS
     user_checkpoint = os.environ.get("CKPT")
     if user_checkpoint:
         checkpoint = Path(user_checkpoint).expanduser()
@@ -137,20 +114,21 @@ def main() -> None:
         print("      the workflows executing end to end; for real pictures run  make demo CKPT=/path/to/sd15.safetensors")
     checkpoint_name = link_into_checkpoints(checkpoint)
     OUTPUT_DIR.mkdir(exist_ok=True)
-    port = free_port()
     log_path = OUTPUT_DIR / "comfyui-demo.log"
-    print(f"starting ComfyUI from {COMFYUI_DIR} on 127.0.0.1:{port} (log: {log_path})")
-    server = start_server(port, log_path)
-    try:
-        for name in WORKFLOWS:
+    print(f"starting ComfyUI from {COMFYUI_DIR} (log: {log_path})", flush=True)
+    began = time.time()
+    with terminate_on_sigterm(), running_server(COMFYUI_DIR, log_path, ["--output-directory", str(OUTPUT_DIR)]) as server:
+        base = server.base
+        print(f"ComfyUI answered at {base} after {time.time() - began:.1f} s", flush=True)
+        for number, name in enumerate(workflows, 1):
+            print(f"[{number}/{len(workflows)}] {name} ...", flush=True)
             started = time.time()
-            images = run_workflow(f"http://127.0.0.1:{port}", name, checkpoint_name, random_weights=not user_checkpoint)
-            print(f"{name}: {len(images)} images in {time.time() - started:.1f} s")
+            images = run_workflow(base, name, checkpoint_name, random_weights=not user_checkpoint)
+            print(f"{name}: {len(images)} images in {time.time() - started:.1f} s", flush=True)
             for image in images:
                 print(f"  {image}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    print(f"demo done in {time.time() - began:.1f} s" + ("" if workflows is ALL_WORKFLOWS else
+          f"; `make demo ALL=1` runs all {len(ALL_WORKFLOWS)} SD1.5 workflows"))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ nodes in a column stacked so none overlaps; the new positions and sizes and the 
 written back (nothing else in the file changes), and a screenshot becomes the template thumbnail
 (<name>.jpg).
 
-    .venv/bin/python scripts/tidy_workflows.py [name.json ...]
+    .venv/bin/python scripts/hosts.py run scripts/tidy_workflows.py [name.json ...]
 """
 
 import json
@@ -14,8 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import demo
 import frontend
+from comfyui_host import COMFYUI_DIR
+from comfyui_server import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "example_workflows"
@@ -88,19 +89,15 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     names = sys.argv[1:] or sorted(p.name for p in WORKFLOWS.glob("*.json"))
-    port = demo.free_port()
-    server = demo.start_server(port, Path(tempfile.mkdtemp()) / "comfyui.log")
-    try:
-        with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-            context = frontend.launch(playwright, profile, THUMBNAIL_VIEWPORT)
-            page, _ = frontend.open_frontend(context, f"http://127.0.0.1:{port}")
-            for name in names:
-                tidy(page, WORKFLOWS / name)
-                print(f"tidied {name}")
-            context.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    log = Path(tempfile.mkdtemp()) / "comfyui.log"
+    with running_server(COMFYUI_DIR, log) as server, sync_playwright() as playwright, \
+            tempfile.TemporaryDirectory() as profile:
+        context = frontend.launch(playwright, profile, THUMBNAIL_VIEWPORT)
+        page, _ = frontend.open_frontend(context, server.base)
+        for name in names:
+            tidy(page, WORKFLOWS / name)
+            print(f"tidied {name}")
+        context.close()
 
 
 if __name__ == "__main__":

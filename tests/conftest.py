@@ -7,6 +7,7 @@ ComfyUI's own custom-node loader, exactly as a user's ComfyUI loads it.
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -21,11 +22,27 @@ REPO, COMFYUI_DIR = comfyui_host.REPO, comfyui_host.COMFYUI_DIR
 
 import torch  # noqa: E402
 
+import comfyui_version  # noqa: E402
 import execution  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 import random_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
+
+COMFYUI_VERSION = comfyui_version.__version__
+# scripts/hosts.py runs the suite once per ComfyUI host; the end-to-end tests (a real server, the
+# browser) run on one of them only.
+END_TO_END_HOST = os.environ.get("STYLE_ATTENTION_END_TO_END_HOST")
+
+
+def pytest_collection_modifyitems(config, items):
+    if END_TO_END_HOST is None or END_TO_END_HOST == os.environ.get("STYLE_ATTENTION_HOST"):
+        return
+    skip = pytest.mark.skip(reason=f"end-to-end (server, browser): make test runs these on ComfyUI {END_TO_END_HOST}")
+    for item in items:
+        if item.get_closest_marker("end_to_end"):
+            item.add_marker(skip)
+
 
 PACK_NODE_IDS = ("VisualStylePrompting", "StyleAlignedAttention", "StyleReferenceLatent", "ReferenceTargetPrompts",
                  "DDIMInversion", "SaveInversion", "LoadInversion", "StyleReferenceInversion", "CaptureAttentionMaps",

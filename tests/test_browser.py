@@ -13,7 +13,10 @@ import pytest
 
 import demo
 import frontend
-from conftest import REPO
+from comfyui_server import request as server_request, running_server
+from conftest import COMFYUI_DIR, REPO
+
+pytestmark = pytest.mark.end_to_end
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 SCREENSHOTS = REPO / "output" / "screenshots"
@@ -28,19 +31,15 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True,
 def server(tmp_path_factory):
     demo.make_random_checkpoint()
     checkpoint_name = demo.link_into_checkpoints(demo.RANDOM_CHECKPOINT)
-    port = demo.free_port()
     log_path = tmp_path_factory.mktemp("server") / "comfyui.log"
-    process = demo.start_server(port, log_path)
-    base = f"http://127.0.0.1:{port}"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for setting, value in SETTINGS.items():
-        request = urllib.request.Request(f"{base}/settings/{setting}", data=json.dumps(value).encode(), method="POST")
-        urllib.request.urlopen(request, timeout=30).close()
-    try:
+    with running_server(COMFYUI_DIR, log_path) as server:
+        base = server.base
+        for setting, value in SETTINGS.items():
+            request = urllib.request.Request(f"{base}/settings/{setting}", data=json.dumps(value).encode(),
+                                             method="POST")
+            urllib.request.urlopen(request, timeout=30).close()
         yield base, checkpoint_name
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +59,12 @@ def browser(tmp_path_factory):
 def wait_for_new_prompt(base: str, known: set, timeout: float) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        history = demo.request(base, "/history")
+        history = server_request(base, "/history")
         done = [prompt_id for prompt_id in set(history) - known if history[prompt_id]["status"].get("completed")]
         if done:
             return done[0]
         time.sleep(1)
-    raise AssertionError(f"no queued prompt finished within {timeout} s (queue: {demo.request(base, '/queue')})")
+    raise AssertionError(f"no queued prompt finished within {timeout} s (queue: {server_request(base, '/queue')})")
 
 
 def visible_dialogs(page) -> list[str]:
@@ -114,10 +113,10 @@ def test_a_workflow_queued_with_the_run_button_produces_its_image(server, browse
             }""",
             [checkpoint_name],
         )
-        history_before = set(demo.request(base, "/history"))
+        history_before = set(server_request(base, "/history"))
         page.get_by_role("button", name="Run", exact=True).first.click()
         prompt_id = wait_for_new_prompt(base, history_before, timeout=300)
-        history = demo.request(base, "/history")
+        history = server_request(base, "/history")
         entry = history[prompt_id]
         assert entry["status"]["status_str"] == "success", entry["status"]
         images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
@@ -132,7 +131,7 @@ def test_a_workflow_queued_with_the_run_button_produces_its_image(server, browse
 
 def test_the_workflows_are_offered_in_the_template_browser(server, browser):
     base, _ = server
-    templates = demo.request(base, "/api/workflow_templates")
+    templates = server_request(base, "/api/workflow_templates")
     assert sorted(templates[PACK_FOLDER]) == sorted(path.stem for path in WORKFLOWS)
     page, errors = frontend.open_frontend(browser, base)
     try:

@@ -1,6 +1,6 @@
 """The pack loads through ComfyUI's own custom-node loader."""
 
-from conftest import BUILTIN_IMPORT_FAILURES, CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG, PACK_NODE_IDS, REPO
+from conftest import BUILTIN_IMPORT_FAILURES, COMFYUI_VERSION, CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG, PACK_NODE_IDS, REPO
 
 from pathlib import Path
 
@@ -32,6 +32,17 @@ def test_every_input_has_a_tooltip_and_nodes_share_one_category_root():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
 
 
+# ComfyUI's own node files that import torchaudio, per tested version. torchaudio is deliberately not
+# installed in the test hosts (it would pull another torch build), so exactly these may fail to load.
+AUDIO_NODE_FILES = {
+    "0.3.75": {"nodes_audio.py", "nodes_audio_encoder.py"},
+    "0.8.0": {"nodes_audio.py", "nodes_audio_encoder.py", "nodes_lt_audio.py"},
+}
+
+
 def test_the_test_host_loads_all_of_comfyuis_own_nodes_but_the_audio_ones():
-    # torchaudio is deliberately not installed (it would pull another torch build)
-    assert set(BUILTIN_IMPORT_FAILURES) <= {"nodes_audio.py", "nodes_audio_encoder.py"}, BUILTIN_IMPORT_FAILURES
+    failures = set(BUILTIN_IMPORT_FAILURES)
+    if COMFYUI_VERSION in AUDIO_NODE_FILES:
+        assert failures <= AUDIO_NODE_FILES[COMFYUI_VERSION], failures
+    else:  # a ComfyUI this suite has no list for (COMFYUI_DIR): only audio node files may fail
+        assert all("audio" in name for name in failures), failures

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import hosts
 from conftest import COMFYUI_DIR, PACK_NODE_IDS, REPO
 
 PACKAGES = ("nodes", "attention_patches", "inversion", "mask")
@@ -22,7 +23,8 @@ def test_pyproject_has_what_the_registry_reads():
     assert meta["urls"]["Repository"].startswith("https://")
     assert meta["license"] and meta["description"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "Style Attention Nodes"
-    assert comfy["requires-comfyui"] == ">=0.3.75"
+    oldest, newest = hosts.TESTED_VERSIONS[0], hosts.TESTED_VERSIONS[-1]
+    assert comfy["requires-comfyui"] == f">={oldest},<={newest}", "the range make test runs the suite on"
     assert comfy["includes"] == []
     requirements = [line for line in (REPO / "requirements.txt").read_text().splitlines()
                     if line.strip() and not line.startswith("#")]
