@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .attention import AttentionFunction, for_call
 from .layers import SelfAttentionLayer, layer_name
-from .reference import REFERENCE_STORE_OPTION, batch_chunks
+from .reference import batch_chunks
+from .style_call import RECORDING_OPTION
 from .sigma_range import SigmaRange
 
 # The transformer_options entry through which the capture's wrapper reaches the attention layers.
@@ -135,8 +136,7 @@ class MapCapture:
     def recording(self, layer: SelfAttentionLayer, attention: AttentionFunction, extra_options: dict,
                   images: slice, first_image: int, key_sources: tuple[str, ...]) -> AttentionFunction:
         """attention itself, or a recording version of it when this layer and step are captured."""
-        store = extra_options.get(REFERENCE_STORE_OPTION)
-        if (layer not in self.layers or (store is not None and store.recording)
+        if (layer not in self.layers or extra_options.get(RECORDING_OPTION) is not None
                 or not self.active_range.contains(float(extra_options["sigmas"][0]))):
             return attention
         height, width = extra_options["activations_shape"][-2:]

@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The transformer_options entry through which the reference pass and the targets' pass share a store.
-REFERENCE_STORE_OPTION = "style_attention_reference_store"
-
 
 class ReferenceError(ValueError):
     pass

@@ -14,22 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import ReferenceFeatureStore, in_batch_references
-
-
-@dataclass
-class ModelCall:
-    """What shared norms need to know about the model call in progress."""
-
-    cond_or_uncond: list[int]
-    store: ReferenceFeatureStore | None  # external reference (recording or replaying), or None: in-batch
+from .reference import in_batch_references
+from .style_call import StyleCall, StyleOwner
 
 
 @dataclass
 class ModelCallSlot:
-    """Shared by a model's shared norms; a wrapper fills it for the duration of each model call."""
+    """Shared by a model's shared norms (modules see no transformer_options): their node's wrapper
+    puts its StyleCall here for the duration of each model call, None while the style is off."""
 
-    current: ModelCall | None = field(default=None)
+    current: StyleCall | None = field(default=None)
 
 
 @dataclass(frozen=True)
@@ -58,11 +52,12 @@ def group_moments(x: torch.Tensor, groups: int) -> GroupMoments:
 class SharedGroupNorm(torch.nn.Module):
     """Stands in for one GroupNorm (as a ModelPatcher object patch, removed when the model unpatches)."""
 
-    def __init__(self, norm: torch.nn.GroupNorm, name: str, call: ModelCallSlot):
+    def __init__(self, norm: torch.nn.GroupNorm, name: str, call: ModelCallSlot, owner: StyleOwner | None = None):
         super().__init__()
         self.norm = norm
         self.name = name
         self.call = call
+        self.owner = owner  # the style node that installed it, named in errors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = self.call.current

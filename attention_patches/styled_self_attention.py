@@ -8,8 +8,8 @@ import torch
 from .attention import AttentionFunction, for_call
 from .attention_maps import with_capture
 from .layers import SelfAttentionLayer
-from .reference import REFERENCE_STORE_OPTION, ReferenceFeatures, in_batch_references
-from .sigma_range import SigmaRange
+from .reference import ReferenceFeatures, in_batch_references
+from .style_call import StyleOwner, style_call
 
 
 class StyleMethod(Protocol):
@@ -29,25 +29,26 @@ class StyleMethod(Protocol):
 class StyledSelfAttention:
     """Replaces one self-attention layer (a ComfyUI attn1 replace patch).
 
-    in_batch: item 0 of each cond/uncond chunk is the reference of the others. Otherwise the
-    reference comes from the store an external reference pass put in transformer_options.
+    Its node's wrapper says per model call whether the style is on (style_call): with an external
+    reference its recorded features come in the call's store; without one, item 0 of each
+    cond/uncond chunk is the reference of the others.
     """
 
     layer: SelfAttentionLayer
     method: StyleMethod
-    active_range: SigmaRange
+    owner: StyleOwner
     attention: AttentionFunction
-    in_batch: bool
 
     def __call__(self, query, key, value, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         precision = extra_options.get("attn_precision")
-        store = extra_options.get(REFERENCE_STORE_OPTION)
         cond_or_uncond = extra_options["cond_or_uncond"]
         kernel = for_call(self.attention, extra_options)
-        if not self.active_range.contains(float(extra_options["sigmas"][0])) or (store is None and not self.in_batch):
+        call = style_call(extra_options, self.owner)
+        if call is None:
             attention = with_capture(kernel, self.layer, extra_options, ("self",), query.shape[0], cond_or_uncond)
             return attention(query, key, value, heads, attn_precision=precision)
+        store = call.store
         if store is not None:
             if store.recording:
                 store.record(self.layer, ReferenceFeatures(query, key, value))
@@ -57,7 +58,7 @@ class StyledSelfAttention:
             return self.method(query, key, value, store.get(self.layer), heads, attention, precision)
 
         outputs = []
-        for (ref, targets), kind in zip(in_batch_references(query.shape[0], cond_or_uncond), cond_or_uncond):
+        for (ref, targets), kind in zip(in_batch_references(query.shape[0], call.cond_or_uncond), call.cond_or_uncond):
             reference = ReferenceFeatures(query[ref], key[ref], value[ref])
             # the reference's own attention is not captured: maps start at batch item 1
             attention = with_capture(kernel, self.layer, extra_options, self.method.key_sources,

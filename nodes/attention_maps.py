@@ -24,10 +24,10 @@ from ..attention_patches.attention_maps import (
 from ..attention_patches.layers import (LATE_SELF_ATTENTION, layer_name, parse_custom_layers, resolve_layers,
                                         select_layers)
 from ..attention_patches.styled_self_attention import StyledSelfAttention
+from .io_types import AttentionMaps
 from .model_layers import active_sigma_range, transformer_sites
 from .style_inputs import layer_inputs
 
-AttentionMaps = io.Custom("ATTENTION_MAPS")
 
 CAPTURE_WRAPPER_KEY = "style_attention_nodes.attention_maps"
 KINDS = {"cross_attention": ("cross", "attn2"), "self_attention": ("self", "attn1")}

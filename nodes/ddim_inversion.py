@@ -13,7 +13,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..inversion.ddim import InversionTrajectory, invert, load_trajectory, save_trajectory
-from .reference import Inversion
+from .io_types import Inversion
 
 INVERSION_SUFFIX = ".inversion.safetensors"
 

@@ -10,9 +10,11 @@ from comfy_api.latest import io
 from ..attention_patches.layers import ALL_SELF_ATTENTION, resolve_layers
 from ..attention_patches.shared_attention import SharedAttention
 from ..attention_patches.shared_norm import ModelCallSlot, SharedGroupNorm
+from ..attention_patches.style_call import StyleOwner
+from ..glue.style_call import install_style_call
 from .model_layers import active_sigma_range, transformer_sites
-from .reference import install_reference_pass
-from .style_inputs import install_styled_self_attention, layer_inputs, reference_input, schedule_inputs
+from .style_inputs import (LayerConflictError, install_styled_self_attention, layer_inputs, new_owner,
+                           reference_input, schedule_inputs, validate_reference)
 
 SHARED_NORM_CHOICES = ["auto", "on", "off"]
 
@@ -35,11 +37,19 @@ def group_norm_paths(module: torch.nn.Module, prefix: str):
             yield from group_norm_paths(child, path)
 
 
-def install_shared_group_norms(model: comfy.model_patcher.ModelPatcher) -> ModelCallSlot:
+def install_shared_group_norms(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner) -> ModelCallSlot:
+    """Every GroupNorm of the clone's UNet, as object patches; refused where an earlier node of the
+    chain already shares them (a norm computes its statistics with one reference)."""
+    earlier = {patch.owner for patch in model.object_patches.values() if isinstance(patch, SharedGroupNorm)}
+    if earlier:
+        raise LayerConflictError(
+            f"shared_group_norm: {', '.join(map(str, earlier))} earlier in this chain already shares the "
+            f"GroupNorm statistics with its reference; set shared_group_norm off on {owner} or on that node"
+        )
     slot = ModelCallSlot()
     for path in group_norm_paths(model.model.diffusion_model, "diffusion_model"):
         # get_model_object gives the original module even while a sibling clone's patch is applied
-        model.add_object_patch(path, SharedGroupNorm(model.get_model_object(path), path, slot))
+        model.add_object_patch(path, SharedGroupNorm(model.get_model_object(path), path, slot, owner))
     return slot
 
 
@@ -84,12 +94,12 @@ class StyleAlignedAttention(io.ComfyNode):
         selected = resolve_layers(transformer_sites(model, "StyleAlignedAttention"), layers, custom_layers)
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
-            reference.validate_for(model, "reference")
+            validate_reference(reference, model, "reference")
         method = SharedAttention(share_attention, adain_queries, adain_keys, adain_values, shared_score_scale,
                                  shared_score_shift)
         patched = model.clone()
-        install_styled_self_attention(patched, selected, method, active_range, in_batch=reference is None)
-        norm_call = install_shared_group_norms(patched) if shares_group_norm(model, shared_group_norm) else None
-        if reference is not None or norm_call is not None:
-            install_reference_pass(patched, reference, active_range, norm_call)
+        owner = new_owner("StyleAlignedAttention")
+        install_styled_self_attention(patched, selected, method, owner)
+        norm_call = install_shared_group_norms(patched, owner) if shares_group_norm(model, shared_group_norm) else None
+        install_style_call(patched, owner, reference, active_range, norm_call)
         return io.NodeOutput(patched)

@@ -1,14 +1,23 @@
 """Inputs and installation shared by the self-attention style nodes (VSP, StyleAligned)."""
 
+import uuid
+
 import comfy.ldm.modules.attention
 import comfy.model_patcher
 from comfy_api.latest import io
 
-from ..attention_patches.layers import PRESETS, SelfAttentionLayer
 from ..attention_patches.attention import KernelAttention
-from ..attention_patches.sigma_range import SigmaRange
+from ..attention_patches.attention_maps import CapturingAttention
+from ..attention_patches.layers import PRESETS, SelfAttentionLayer, layer_name
+from ..attention_patches.style_call import StyleOwner
 from ..attention_patches.styled_self_attention import StyleMethod, StyledSelfAttention
-from .reference import StyleReference
+from ..glue.references import ExternalReference
+from .io_types import StyleReference
+from .model_layers import latent_downscale
+
+
+class LayerConflictError(ValueError):
+    pass
 
 
 def layer_inputs(default: str, tooltip: str) -> list:
@@ -45,19 +54,63 @@ def reference_input():
     )
 
 
+def new_owner(node_id: str) -> StyleOwner:
+    return StyleOwner(node_id, uuid.uuid4().hex)
+
+
+def validate_reference(reference: ExternalReference, model: comfy.model_patcher.ModelPatcher, input_name: str) -> None:
+    shape = reference.latent_shape()
+    channels = model.get_model_object("latent_format").latent_channels
+    if shape[1] != channels:
+        raise ValueError(
+            f"{input_name}: the reference latent has {shape[1]} channels but this model's latents "
+            f"have {channels}; encode the reference image with this model's VAE"
+        )
+    multiple = 2 ** latent_downscale(model)
+    height, width = shape[-2:]
+    if height % multiple or width % multiple:
+        raise ValueError(
+            f"{input_name}: the reference latent is {height}x{width}; this UNet needs sides divisible by "
+            f"{multiple} (images divisible by {multiple * 8} pixels)"
+        )
+
+
+def check_layers_are_free(model: comfy.model_patcher.ModelPatcher, layers: list[SelfAttentionLayer],
+                          owner: StyleOwner) -> None:
+    """A layer styled by an earlier node of this pack, or replaced by another pack, is refused with
+    both named; an attention-map capture placed earlier is taken over (the styled layer records)."""
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    styled, foreign = {}, {}
+    for layer in layers:
+        existing = replaced.get(layer)
+        if isinstance(existing, StyledSelfAttention):
+            styled.setdefault(str(existing.owner), []).append(layer_name(*layer))
+        elif existing is not None and not isinstance(existing, CapturingAttention):
+            foreign.setdefault(type(existing).__name__, []).append(layer_name(*layer))
+    for other, names in styled.items():
+        raise LayerConflictError(
+            f"layers: {owner} would restyle {', '.join(names)}, which {other} earlier in this chain already "
+            f"styles; each layer takes one style node: give the two nodes disjoint layers (layers: custom)"
+        )
+    for patch, names in foreign.items():
+        raise LayerConflictError(
+            f"layers: {', '.join(names)} already have their self-attention replaced by another node ({patch}); "
+            f"{owner} would overwrite it: choose other layers, or apply {owner} before that node"
+        )
+
+
 def install_styled_self_attention(
     model: comfy.model_patcher.ModelPatcher,
     layers: list[SelfAttentionLayer],
     method: StyleMethod,
-    active_range: SigmaRange,
-    in_batch: bool,
+    owner: StyleOwner,
 ) -> None:
+    check_layers_are_free(model, layers, owner)
     for layer in layers:
         styled = StyledSelfAttention(
             layer=layer,
             method=method,
-            active_range=active_range,
+            owner=owner,
             attention=KernelAttention.of(comfy.ldm.modules.attention.optimized_attention),
-            in_batch=in_batch,
         )
         model.set_model_attn1_replace(styled, *layer)

@@ -6,8 +6,9 @@ from comfy_api.latest import io
 from ..attention_patches.kv_swap import KeyValueSwap
 from ..attention_patches.layers import LATE_SELF_ATTENTION, resolve_layers
 from .model_layers import active_sigma_range, transformer_sites
-from .reference import install_reference_pass
-from .style_inputs import install_styled_self_attention, layer_inputs, reference_input, schedule_inputs
+from ..glue.style_call import install_style_call
+from .style_inputs import (install_styled_self_attention, layer_inputs, new_owner, reference_input, schedule_inputs,
+                           validate_reference)
 
 LAYERS_TOOLTIP = (
     "Which self-attention layers take the reference's keys and values. late_self_attention: the "
@@ -45,11 +46,11 @@ class VisualStylePrompting(io.ComfyNode):
         selected = resolve_layers(transformer_sites(model, "VisualStylePrompting"), layers, custom_layers)
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
-            reference.validate_for(model, "reference")
+            validate_reference(reference, model, "reference")
         patched = model.clone()
         if strength == 0.0:
             return io.NodeOutput(patched)
-        install_styled_self_attention(patched, selected, KeyValueSwap(strength), active_range, in_batch=reference is None)
-        if reference is not None:
-            install_reference_pass(patched, reference, active_range)
+        owner = new_owner("VisualStylePrompting")
+        install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner)
+        install_style_call(patched, owner, reference, active_range)
         return io.NodeOutput(patched)

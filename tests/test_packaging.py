@@ -12,7 +12,7 @@ import torch
 import hosts
 from conftest import COMFYUI_DIR, PACK_NODE_IDS, REPO
 
-PACKAGES = ("nodes", "attention_patches", "inversion", "mask")
+PACKAGES = ("nodes", "attention_patches", "glue", "inversion", "mask")
 
 
 def test_pyproject_has_what_the_registry_reads():

@@ -97,6 +97,7 @@ def test_stack_token_sequences_repeats_to_the_common_length():
 
 shared_attention = pack_submodule("attention_patches.shared_attention")
 shared_norm = pack_submodule("attention_patches.shared_norm")
+style_call = pack_submodule("attention_patches.style_call")
 
 
 def test_adain_gives_the_reference_statistics_per_channel():
@@ -128,7 +129,7 @@ def test_shared_group_norm_in_batch_and_from_a_recorded_reference():
     x = torch.randn(6, 8, 3, 5)
     assert torch.equal(shared(x), norm(x))  # no model call in progress: the plain norm
 
-    slot.current = shared_norm.ModelCall([0, 1], None)
+    slot.current = style_call.StyleCall([0, 1], None)
     out = shared(x)
     for start in (0, 3):
         torch.testing.assert_close(out[start].double(), group_norm_by_hand(norm, x[start:start + 1])[0], **FLOAT32)
@@ -137,9 +138,9 @@ def test_shared_group_norm_in_batch_and_from_a_recorded_reference():
 
     store = reference.ReferenceFeatureStore()
     external = torch.randn(1, 8, 4, 4)  # another size than the targets
-    slot.current = shared_norm.ModelCall([0], store)
+    slot.current = style_call.StyleCall([0], store)
     assert torch.equal(shared(external), norm(external))
-    slot.current = shared_norm.ModelCall([0, 1], store.replay())
+    slot.current = style_call.StyleCall([0, 1], store.replay())
     torch.testing.assert_close(shared(x).double(), group_norm_by_hand(norm, x, external), **FLOAT32)
 
 

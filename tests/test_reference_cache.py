@@ -16,8 +16,10 @@ STEPS = 4
 
 
 def reference_pass_of(model):
+    """The style node's apply_model wrapper (the one of this pack's on the model)."""
     wrappers = model.wrappers[comfy.patcher_extension.WrappersMP.APPLY_MODEL]
-    (wrapper,) = wrappers["style_attention_nodes.reference_pass"]
+    (key,) = [key for key in wrappers if key.startswith("style_attention_nodes.style_call.")]
+    (wrapper,) = wrappers[key]
     return wrapper
 
 

@@ -1,0 +1,1 @@
+"""Glue that runs inside ComfyUI's model calls (wrappers, callbacks); it may import comfy."""

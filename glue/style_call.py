@@ -1,0 +1,104 @@
+"""What runs inside each model call for a style node: its apply_model wrapper (StyleCallWrapper),
+which decides per call whether the style is on, runs an external reference's own pass, keeps its
+recordings in the node's cache, and fills the node's shared-norm slot."""
+
+from dataclasses import dataclass
+
+import comfy.model_patcher
+import comfy.patcher_extension
+
+from ..attention_patches.reference import ReferenceFeatureStore
+from ..attention_patches.reference_cache import ReferenceFeatureCache
+from ..attention_patches.shared_norm import ModelCallSlot
+from ..attention_patches.sigma_range import SigmaRange
+from .references import ExternalReference
+from ..attention_patches.style_call import CALLS_OPTION, NORM_SLOTS_OPTION, RECORDING_OPTION, StyleCall, StyleOwner
+
+WRAPPER_KEY_PREFIX = "style_attention_nodes.style_call."
+
+
+@dataclass(frozen=True)
+class StyleCallWrapper:
+    """A style node's apply_model wrapper: decides once per model call whether its style is on and
+    hands its layers (and its shared norms) a StyleCall.
+
+    With an external reference it first runs the reference alone (every other style of this pack
+    off), recording its features, or takes them from the cache; then the targets replay them.
+    """
+
+    owner: StyleOwner
+    reference: ExternalReference | None
+    active_range: SigmaRange
+    norm_call: ModelCallSlot | None = None
+    cache: ReferenceFeatureCache | None = None
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        # another node's reference pass, or outside this style's steps: its layers find no StyleCall
+        if RECORDING_OPTION in transformer_options or not self.active_range.contains(float(t[0])):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        store = None if self.reference is None else self._reference_features(executor, t[:1], x, transformer_options)
+        call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store)
+        options = {**transformer_options, CALLS_OPTION: {**transformer_options.get(CALLS_OPTION, {}), self.owner: call}}
+        if self.norm_call is None:
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        options[NORM_SLOTS_OPTION] = (*transformer_options.get(NORM_SLOTS_OPTION, ()), self.norm_call)
+        self.norm_call.current = call
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        finally:
+            self.norm_call.current = None
+
+    def _reference_features(self, executor, sigma, x, transformer_options) -> ReferenceFeatureStore:
+        base_model = executor.class_obj
+        key = (getattr(base_model, "current_weight_patches_uuid", None), float(sigma[0]))
+        if self.cache is not None:
+            cached = self.cache.get(key, x.device)
+            if cached is not None:
+                return cached
+        reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
+        inputs = self.reference.model_inputs(base_model, reference_x)
+        store = ReferenceFeatureStore()
+        call = StyleCall((0,), store)
+        options = {**transformer_options, RECORDING_OPTION: self.owner, CALLS_OPTION: {self.owner: call},
+                   "cond_or_uncond": [0], "sigmas": sigma}
+        # shared norms of other nodes, filled by wrappers outside this one, are off during the pass
+        others = transformer_options.get(NORM_SLOTS_OPTION, ())
+        saved = [slot.current for slot in others]
+        for slot in others:
+            slot.current = None
+        if self.norm_call is not None:
+            self.norm_call.current = call
+        try:
+            executor(reference_x, sigma, inputs.pop("c_concat", None), inputs.pop("c_crossattn", None), None, options,
+                     **inputs)
+        finally:
+            for slot, current in zip(others, saved):
+                slot.current = current
+            if self.norm_call is not None:
+                self.norm_call.current = None
+        if self.cache is not None:
+            self.cache.put(key, store)
+        return store.replay()
+
+
+def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner, reference: ExternalReference | None,
+                       active_range: SigmaRange, norm_call: ModelCallSlot | None = None) -> None:
+    """The wrapper (and, with a cache, its unload callback) under keys of this node's own."""
+    cache = None if reference is None else reference.new_cache()
+    key = f"{WRAPPER_KEY_PREFIX}{owner.node_id}.{owner.uid}"
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
+                               StyleCallWrapper(owner, reference, active_range, norm_call, cache))
+    if cache is not None:
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, ClearOnUnload(cache))
+
+
+@dataclass(frozen=True)
+class ClearOnUnload:
+    """ModelPatcher detach callback. ComfyUI also detaches a model (unpatch_all False) when it swaps in
+    the next sampling run's clone of it; only a real unload (unpatch_all True) drops the recordings."""
+
+    cache: ReferenceFeatureCache
+
+    def __call__(self, patcher, unpatch_all: bool) -> None:
+        if unpatch_all:
+            self.cache.clear()

@@ -1,0 +1,7 @@
+"""The pack's own ComfyUI types, in one place."""
+
+from comfy_api.latest import io
+
+StyleReference = io.Custom("STYLE_REFERENCE")  # glue.references.ExternalReference
+Inversion = io.Custom("INVERSION")  # inversion.ddim.InversionTrajectory
+AttentionMaps = io.Custom("ATTENTION_MAPS")  # attention_patches.attention_maps.AttentionMapRecorder
