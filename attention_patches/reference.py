@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 
-class ReferenceError(ValueError):
-    pass
+class StyleReferenceError(ValueError):
+    """A batch layout or a recording a reference cannot work with."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def batch_chunks(batch_size: int, cond_or_uncond: list[int]) -> list[slice]:
     """The batch slices ComfyUI stacked, one per entry of extra_options["cond_or_uncond"]."""
     chunks = len(cond_or_uncond)
     if chunks == 0 or batch_size % chunks:
-        raise ReferenceError(f"a batch of {batch_size} cannot hold {chunks} equal cond/uncond chunks")
+        raise StyleReferenceError(f"a batch of {batch_size} cannot hold {chunks} equal cond/uncond chunks")
     size = batch_size // chunks
     return [slice(i * size, (i + 1) * size) for i in range(chunks)]
 
@@ -38,7 +38,7 @@ def in_batch_references(batch_size: int, cond_or_uncond: list[int]) -> list[tupl
     pairs = []
     for chunk in batch_chunks(batch_size, cond_or_uncond):
         if chunk.stop - chunk.start < 2:
-            raise ReferenceError(
+            raise StyleReferenceError(
                 "in-batch reference needs a latent batch of at least 2 (item 0 is the reference, the rest "
                 "are targets); got 1. Raise batch_size, or connect a reference"
             )
@@ -66,4 +66,4 @@ class ReferenceFeatureStore:
         try:
             return self.features[key]
         except KeyError:
-            raise ReferenceError(f"the reference pass recorded nothing at {key}") from None
+            raise StyleReferenceError(f"the reference pass recorded nothing at {key}") from None

@@ -50,7 +50,7 @@ def test_key_value_swap_full_and_partial_strength():
 def test_batch_chunks_follow_cond_or_uncond():
     assert reference.batch_chunks(6, [1, 0]) == [slice(0, 3), slice(3, 6)]
     assert reference.batch_chunks(4, [0]) == [slice(0, 4)]
-    with pytest.raises(reference.ReferenceError, match="a batch of 5 cannot hold 2 equal cond/uncond chunks"):
+    with pytest.raises(reference.StyleReferenceError, match="a batch of 5 cannot hold 2 equal cond/uncond chunks"):
         reference.batch_chunks(5, [0, 1])
 
 
@@ -60,7 +60,7 @@ def test_reference_store_replays_what_was_recorded_and_names_missing_layers():
     store.record(("output", 3, 0), features)
     replay = store.replay()
     assert not replay.recording and replay.get(("output", 3, 0)) is features
-    with pytest.raises(reference.ReferenceError, match=r"recorded nothing at \('output', 4, 0\)"):
+    with pytest.raises(reference.StyleReferenceError, match=r"recorded nothing at \('output', 4, 0\)"):
         replay.get(("output", 4, 0))
 
 
