@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .feature_store import register_feature_type
+
 
 class StyleReferenceError(ValueError):
     """A batch layout or a recording a reference cannot work with."""
 
 
+@register_feature_type
 @dataclass(frozen=True)
 class ReferenceFeatures:
     """A reference's self-attention inputs at one layer: (1, tokens, heads * dim_head) each."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .feature_store import register_feature_type
 from .reference import in_batch_references
 from .style_call import StyleCall, StyleOwner
 
@@ -26,6 +27,7 @@ class ModelCallSlot:
     current: StyleCall | None = field(default=None)
 
 
+@register_feature_type
 @dataclass(frozen=True)
 class GroupMoments:
     """Per-group statistics of one image: what joint normalisation needs of the reference."""

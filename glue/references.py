@@ -9,7 +9,7 @@ import torch
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..attention_patches.reference_cache import ReferenceFeatureCache
+from ..attention_patches.feature_store import FeatureStore
 from ..inversion.ddim import InversionTrajectory
 
 
@@ -24,10 +24,11 @@ class ExternalReference:
     def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def new_cache(self) -> ReferenceFeatureCache | None:
+    def new_cache(self) -> FeatureStore | None:
+        """The node's store of this reference's recorded passes, tagged by the model's weights."""
         if self.cache_megabytes == 0:
             return None
-        return ReferenceFeatureCache(self.cache_megabytes * 2**20, torch.device("cpu") if self.cache_on_cpu else None)
+        return FeatureStore(self.cache_megabytes * 2**20, torch.device("cpu") if self.cache_on_cpu else None)
 
     def latent_shape(self) -> torch.Size:
         raise NotImplementedError

@@ -8,7 +8,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..attention_patches.reference import ReferenceFeatureStore
-from ..attention_patches.reference_cache import ReferenceFeatureCache
+from ..attention_patches.feature_store import FeatureStore
 from ..attention_patches.shared_norm import ModelCallSlot
 from ..attention_patches.sigma_range import SigmaRange
 from .references import ExternalReference
@@ -30,7 +30,7 @@ class StyleCallWrapper:
     reference: ExternalReference | None
     active_range: SigmaRange
     norm_call: ModelCallSlot | None = None
-    cache: ReferenceFeatureCache | None = None
+    cache: FeatureStore | None = None
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # another node's reference pass, or outside this style's steps: its layers find no StyleCall
@@ -50,11 +50,11 @@ class StyleCallWrapper:
 
     def _reference_features(self, executor, sigma, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
-        key = (getattr(base_model, "current_weight_patches_uuid", None), float(sigma[0]))
+        weights, sigma_value = getattr(base_model, "current_weight_patches_uuid", None), float(sigma[0])
         if self.cache is not None:
-            cached = self.cache.get(key, x.device)
+            cached = self.cache.get(sigma_value, x.device, tag=weights)
             if cached is not None:
-                return cached
+                return ReferenceFeatureStore(recording=False, features=cached)
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
         inputs = self.reference.model_inputs(base_model, reference_x)
         store = ReferenceFeatureStore()
@@ -77,7 +77,7 @@ class StyleCallWrapper:
             if self.norm_call is not None:
                 self.norm_call.current = None
         if self.cache is not None:
-            self.cache.put(key, store)
+            self.cache.put(sigma_value, store.features, tag=weights)
         return store.replay()
 
 
@@ -97,7 +97,7 @@ class ClearOnUnload:
     """ModelPatcher detach callback. ComfyUI also detaches a model (unpatch_all False) when it swaps in
     the next sampling run's clone of it; only a real unload (unpatch_all True) drops the recordings."""
 
-    cache: ReferenceFeatureCache
+    cache: FeatureStore
 
     def __call__(self, patcher, unpatch_all: bool) -> None:
         if unpatch_all:

@@ -9,7 +9,6 @@ import comfy.patcher_extension
 from conftest import pack_submodule
 from helpers import assert_relative_close, encode, inversion_reference, invert, latent_reference, sample, style_aligned, vsp
 
-reference_cache = pack_submodule("attention_patches.reference_cache")
 reference_module = pack_submodule("attention_patches.reference")
 
 STEPS = 4
@@ -116,17 +115,3 @@ def test_other_weights_are_recorded_anew(sd15):
     fresh.add_patches({key: (diff,)}, 1.0)
     uncached = run(vsp(fresh, reference=latent_reference(sd15, cache_megabytes=0)), sd15)
     assert_relative_close(patched, uncached)
-
-
-def test_cache_unit_budget_and_replay():
-    store = reference_module.ReferenceFeatureStore()
-    features = reference_module.ReferenceFeatures(*(torch.ones(1, 4, 8) for _ in range(3)))
-    store.record(("output", 3, 0), features)
-    cache = reference_cache.ReferenceFeatureCache(max_bytes=3 * 4 * 8 * 4 + 10, offload_device=torch.device("cpu"))
-    cache.put(("w", 1.0), store)
-    cache.put(("w", 2.0), store)  # over the budget: not kept
-    assert len(cache) == 1 and cache.get(("w", 2.0), torch.device("cpu")) is None
-    replay = cache.get(("w", 1.0), torch.device("cpu"))
-    assert not replay.recording and torch.equal(replay.get(("output", 3, 0)).key, features.key)
-    cache.clear()
-    assert len(cache) == 0 and cache.bytes == 0
