@@ -18,9 +18,8 @@ from ..attention_patches.attention_maps import (
     AttentionMapRecorder,
     CapturingAttention,
     MapCapture,
-    draw_cross_attention,
-    draw_self_attention,
 )
+from ..attention_patches.heatmaps import draw_cross_attention, draw_self_attention
 from ..attention_patches.layers import (LATE_SELF_ATTENTION, layer_name, parse_custom_layers, resolve_layers,
                                         select_layers)
 from ..attention_patches.styled_self_attention import StyledSelfAttention

@@ -152,13 +152,14 @@ def test_heatmaps_have_the_images_size_and_draw_the_hot_spot(sd15):
 def test_heatmap_renders_a_known_map_where_it_is_hot():
     from conftest import pack_submodule
     maps = pack_submodule("attention_patches.attention_maps")
+    heatmaps = pack_submodule("attention_patches.heatmaps")
     total = torch.zeros(1, 4, 2)
     total[0, 3, 1] = 1.0  # bottom-right position attends to token 1
     layer = maps.LayerMaps(total, 1, (2, 2), 0, ("text",))
-    heat = maps.cross_attention_heat([layer], [1], (4, 4))
+    heat = heatmaps.cross_attention_heat([layer], [1], (4, 4))
     assert heat.shape == (1, 4, 4)
     assert float(heat[0, 3, 3]) == 1.0 and float(heat[0, 0, 0]) == 0.0
-    colours = maps.colormap(torch.tensor([0.0, 1.0]))
+    colours = heatmaps.colormap(torch.tensor([0.0, 1.0]))
     assert colours[0].argmax() == 2 and colours[1].argmax() == 0, "low is blue, high is red"
 
 
