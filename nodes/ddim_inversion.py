@@ -5,13 +5,11 @@ import os
 
 import torch
 
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
 import folder_paths
-import latent_preview
 from comfy_api.latest import io
 
+from ..glue.guided_loop import run_guided_loop
 from ..inversion.ddim import InversionTrajectory, invert, load_trajectory, save_trajectory
 from .io_types import Inversion
 
@@ -19,32 +17,18 @@ INVERSION_SUFFIX = ".inversion.safetensors"
 
 
 def run_inversion(model, samples, positive, negative, steps, cfg, scheduler) -> tuple[torch.Tensor, InversionTrajectory]:
-    """Through ComfyUI's CFG guider (model loading, conds, patches, ControlNet), as a sampler on ascending sigmas."""
+    """DDIM inversion on the ascending sigmas of the scheduler, in ComfyUI's guider."""
     model_sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).flip(0)
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    preview = latent_preview.prepare_callback(model, steps)
-    trajectories = []
 
     def input_scale(sigma):
         return model_sampling.calculate_input(sigma.reshape(1), torch.ones(1, device=sigma.device)).reshape(())
 
-    def sampler_function(denoiser, x, sigmas, extra_args=None, callback=None, disable=None):
-        def on_step(i, x, denoised):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if callback is not None:
-                callback({"i": i, "x": x, "denoised": denoised, "sigma": sigmas[i + 1], "sigma_hat": sigmas[i + 1]})
+    def inversion_loop(denoise, x, sigmas, on_step):
+        trajectory = invert(denoise, x, sigmas, input_scale, on_step)
+        return trajectory.top, trajectory
 
-        trajectory = invert(lambda x, s: denoiser(x, s, **extra_args), x, sigmas, input_scale, on_step)
-        trajectories.append(trajectory)
-        return trajectory.top.to(x)
-
-    samples = comfy.sample.fix_empty_latent_channels(model, samples)
-    inverted = guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(sampler_function), sigmas,
-                             callback=preview, disable_pbar=True, seed=0)
-    return inverted.to(comfy.model_management.intermediate_device()), trajectories[0]
+    return run_guided_loop(model, positive, negative, cfg, sigmas, samples, inversion_loop)
 
 
 class DDIMInversion(io.ComfyNode):
