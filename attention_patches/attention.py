@@ -31,6 +31,10 @@ def scaled_dot_product_attention(query, key, value, heads: int, attn_precision=N
     return out.transpose(1, 2).reshape(batch, -1, inner_dim).to(out_dtype)
 
 
+# Where ComfyUI's kernels look for an attention back-end another node chose.
+ATTENTION_OVERRIDE_OPTION = "optimized_attention_override"
+
+
 def takes_transformer_options(kernel: Callable) -> bool:
     """Whether a ComfyUI kernel accepts transformer_options (those behind its wrap_attn do, and then
     honour an `optimized_attention_override` found there)."""
@@ -58,7 +62,10 @@ class KernelAttention:
         return cls(kernel, passes_options=takes_transformer_options(kernel))
 
     def for_call(self, transformer_options: dict) -> "KernelAttention":
-        return replace(self, transformer_options=transformer_options) if self.passes_options else self
+        """Bound only when an override is there: without one the kernel ignores the options."""
+        if self.passes_options and ATTENTION_OVERRIDE_OPTION in transformer_options:
+            return replace(self, transformer_options=transformer_options)
+        return self
 
     def __call__(self, query, key, value, heads: int, attn_precision=None, bias=None) -> torch.Tensor:
         if bias is not None:

@@ -94,7 +94,9 @@ class FeatureStore:
         key = self._find(sigma, tag, tolerant)
         if key is None:
             return None
-        return self._moved(self._recordings[key], None if self.offload_device is None else device)
+        if self.offload_device is None:  # kept where they were recorded: nothing to copy
+            return dict(self._recordings[key])
+        return self._moved(self._recordings[key], device)
 
     def at(self, sigma: float, device: torch.device, tag=None) -> dict:
         """The recording at sigma, for a run on another schedule computation (another MODEL, a later

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..attention_patches.reference import ReferenceFeatureStore
 from ..attention_patches.feature_store import FeatureStore
+from ..attention_patches.reference import ReferenceFeatureStore
 from ..attention_patches.shared_norm import ModelCallSlot
 from ..attention_patches.sigma_range import SigmaRange
-from .references import ExternalReference
 from ..attention_patches.style_call import CALLS_OPTION, NORM_SLOTS_OPTION, RECORDING_OPTION, StyleCall, StyleOwner
+from .references import ExternalReference
 
 WRAPPER_KEY_PREFIX = "style_attention_nodes.style_call."
 
@@ -34,9 +34,13 @@ class StyleCallWrapper:
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # another node's reference pass, or outside this style's steps: its layers find no StyleCall
-        if RECORDING_OPTION in transformer_options or not self.active_range.contains(float(t[0])):
+        if RECORDING_OPTION in transformer_options:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        store = None if self.reference is None else self._reference_features(executor, t[:1], x, transformer_options)
+        sigma = float(t[0])  # the one device-to-host read of the call
+        if not self.active_range.contains(sigma):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        store = None if self.reference is None else self._reference_features(executor, t[:1], sigma, x,
+                                                                             transformer_options)
         call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store)
         options = {**transformer_options, CALLS_OPTION: {**transformer_options.get(CALLS_OPTION, {}), self.owner: call}}
         if self.norm_call is None:
@@ -48,9 +52,9 @@ class StyleCallWrapper:
         finally:
             self.norm_call.current = None
 
-    def _reference_features(self, executor, sigma, x, transformer_options) -> ReferenceFeatureStore:
+    def _reference_features(self, executor, sigma, sigma_value: float, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
-        weights, sigma_value = getattr(base_model, "current_weight_patches_uuid", None), float(sigma[0])
+        weights = getattr(base_model, "current_weight_patches_uuid", None)
         if self.cache is not None:
             cached = self.cache.get(sigma_value, x.device, tag=weights)
             if cached is not None:

@@ -15,8 +15,7 @@ from helpers import batch_prompts, encode, latent_reference, run_node, sample, s
 class RecordingOverride:
     """An override that runs the kernel it was given and notes which self-attention layer called."""
 
-    def __init__(self, scale=1.0):
-        self.scale = scale
+    def __init__(self):
         self.self_attention_layers = set()
 
     def __call__(self, kernel, q, k, v, heads, *args, **kwargs):
@@ -24,7 +23,7 @@ class RecordingOverride:
         if k.shape[1] != 77:  # not cross-attention (the prompt has 77 tokens)
             block, number = options["block"]
             self.self_attention_layers.add((block, number, options["block_index"]))
-        return kernel(q, k, v, heads, *args, **kwargs) * self.scale
+        return kernel(q, k, v, heads, *args, **kwargs)
 
 
 def with_override(model, override):
