@@ -14,11 +14,11 @@ A store is saved to and loaded from .safetensors, atomically, so features are co
 
 import dataclasses
 import json
-import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..safetensors_file import write_atomically
 
 STORE_FORMAT = "style-attention-nodes/feature-store/1"
 SIGMA_TOLERANCE = 1e-4  # relative, as the inversion's schedule check
@@ -140,16 +140,10 @@ def save_store(store: FeatureStore, path: str, metadata: dict[str, str] | None =
             if kind != "Tensor" and FEATURE_TYPES.get(kind) is not type(value):
                 raise TypeError(f"{kind} at {site} is not a registered feature type")
             for name, tensor in tensors_of(value).items():
-                tensors[f"{number}/{position}/{name}"] = tensor.detach().to("cpu").contiguous()
+                tensors[f"{number}/{position}/{name}"] = tensor
             entries.append({"site": _encode_site(site), "type": kind})
         index.append({"tag": tag, "sigma": sigma, "features": entries})
-    partial = f"{path}.partial"
-    try:
-        save_file(tensors, partial, metadata={**(metadata or {}), "format": STORE_FORMAT, "index": json.dumps(index)})
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    write_atomically(tensors, path, {**(metadata or {}), "format": STORE_FORMAT, "index": json.dumps(index)})
 
 
 def load_store(path: str, max_bytes: int | None = None,

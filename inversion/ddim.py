@@ -8,13 +8,13 @@ first step sigma is 0, where nothing else is defined): the model sees the curren
 it would be at sigma, i.e. the denoiser is called on x * c_in(sigma) / c_in(sigma_next).
 """
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..safetensors_file import write_atomically
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per item) -> predicted x0
 
@@ -82,17 +82,8 @@ TRAJECTORY_FORMAT = "style-attention-nodes/inversion-trajectory/1"
 
 def save_trajectory(trajectory: InversionTrajectory, path: str, metadata: dict[str, str] | None = None) -> None:
     """Write to a .safetensors file atomically: a failed write leaves no partial file behind."""
-    partial = f"{path}.partial"
-    try:
-        save_file(
-            {"sigmas": trajectory.sigmas.contiguous(), "latents": trajectory.latents.contiguous()},
-            partial,
-            metadata={**(metadata or {}), "format": TRAJECTORY_FORMAT},
-        )
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    write_atomically({"sigmas": trajectory.sigmas, "latents": trajectory.latents}, path,
+                     {**(metadata or {}), "format": TRAJECTORY_FORMAT})
 
 
 def load_trajectory(path: str) -> InversionTrajectory:

@@ -3,6 +3,7 @@
 from .attention_maps import AttentionMapHeatmap, CaptureAttentionMaps
 from .batch_prompts import ReferenceTargetPrompts
 from .ddim_inversion import DDIMInversion, LoadInversion, SaveInversion
+from .fit_style_lora import FitStyleLoRA
 from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
 from .visual_style_prompting import VisualStylePrompting
@@ -18,4 +19,5 @@ NODES = [
     LoadInversion,
     CaptureAttentionMaps,
     AttentionMapHeatmap,
+    FitStyleLoRA,
 ]

@@ -185,6 +185,7 @@ class Engine:
             Path(folder_paths.get_output_directory()) / image["subfolder"] / image["filename"]
             for node_output in outputs.values()
             for image in node_output.get("images", [])
+            if image.get("type", "output") == "output"  # previews (a fit's loss curve) go to the temp folder
         ]
 
 
@@ -196,7 +197,17 @@ class ExecutionFailed(AssertionError):
 
 
 @pytest.fixture
-def engine(tmp_path, sd15, sdxl):
+def loras_folder(tmp_path, monkeypatch):
+    """models/loras/ for this test: a fitted LoRA is written there and LoraLoader lists it."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(folder)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+@pytest.fixture
+def engine(tmp_path, sd15, sdxl, loras_folder):
     RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl}
     folder_paths.set_output_directory(str(tmp_path))
     return Engine(tmp_path)

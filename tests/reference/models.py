@@ -54,9 +54,13 @@ def _diffusers_config(unet_config: dict, architecture: str) -> dict:
     return config
 
 
-def twin_models(architecture: str, seed: int = 0) -> TwinModels:
+def twin_models(architecture: str, seed: int = 0, v_prediction: bool = False) -> TwinModels:
     tiny = random_models.TINY_SD15_UNET if architecture == "sd15" else random_models.TINY_SDXL_UNET
     model_config_class = comfy.supported_models.SD15 if architecture == "sd15" else random_models.TinySDXL
+    if v_prediction:
+        if architecture != "sd15":
+            raise ValueError("the v-prediction twin is SD1.5-shaped")
+        model_config_class = random_models.TinySD15VPrediction
     model_config = model_config_class(copy.deepcopy(tiny))
     model_config.set_inference_dtype(torch.float32, None)
     unet_config = model_config.unet_config  # with the architecture's head settings merged in
