@@ -39,6 +39,7 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/run.py
+	$(PY) scripts/hosts.py run bench/fit_lora.py
 
 clean:
 	rm -rf $(VENV) .comfyui output

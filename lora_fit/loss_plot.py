@@ -21,7 +21,10 @@ def loss_plot(losses: list[float], title: str) -> torch.Tensor:
     """(1, HEIGHT, WIDTH, 3) in [0, 1]: every step's loss in grey, a moving average in blue."""
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=14)  # Pillow >= 10.1 draws its built-in font at any size
+    except TypeError:
+        font = ImageFont.load_default()
     left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN // 2, HEIGHT - MARGIN
     draw.rectangle((left, top, right, bottom), outline="black")
     low, high = min(losses), max(losses)
@@ -37,8 +40,8 @@ def loss_plot(losses: list[float], title: str) -> torch.Tensor:
             draw.line([point(i, v) for i, v in enumerate(values)], fill=colour, width=2)
     draw.text((left, 4), title, fill="black", font=font)
     draw.text((4, top), f"{high:.4g}", fill="black", font=font)
-    draw.text((4, bottom - 10), f"{low:.4g}", fill="black", font=font)
+    draw.text((4, bottom - 14), f"{low:.4g}", fill="black", font=font)
     draw.text((left, bottom + 6), "step 1", fill="black", font=font)
-    draw.text((right - 60, bottom + 6), f"step {len(losses)}", fill="black", font=font)
-    draw.text((left, bottom + 22), "loss per step (grey), moving average (blue)", fill="black", font=font)
+    draw.text((right - 80, bottom + 6), f"step {len(losses)}", fill="black", font=font)
+    draw.text((left + 120, bottom + 6), "loss per step (grey), moving average (blue)", fill="black", font=font)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

@@ -77,6 +77,8 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
             node["inputs"].update(width=RANDOM_WEIGHTS_SIDE, height=RANDOM_WEIGHTS_SIDE)
         elif random_weights and node["class_type"] in ("KSampler", "DDIMInversion"):
             node["inputs"]["steps"] = RANDOM_WEIGHTS_STEPS
+        elif random_weights and node["class_type"] == "FitStyleLoRA":
+            node["inputs"].update(steps=RANDOM_WEIGHTS_STEPS, resolution=RANDOM_WEIGHTS_SIDE)
         elif random_weights and node["class_type"] == "LoadImage":
             node["inputs"]["image"] = small_copy_of_input(node["inputs"]["image"], RANDOM_WEIGHTS_SIDE)
     queued = request(base, "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
@@ -94,6 +96,7 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
         OUTPUT_DIR / image["subfolder"] / image["filename"]
         for output in entry["outputs"].values()
         for image in output.get("images", [])
+        if image.get("type", "output") == "output"  # not previews (a fit's loss curve)
     ]
 
 

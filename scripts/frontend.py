@@ -26,7 +26,17 @@ def open_frontend(context, base: str):
     page.goto(base)
     page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
     page.wait_for_timeout(1000)
+    close_dialogs(page)
     return page, errors
+
+
+def close_dialogs(page) -> None:
+    """Newer frontends greet a new user with the template browser over the canvas: Escape closes it."""
+    for _ in range(3):
+        if not page.locator(".p-dialog").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
 
 
 def open_workflow(page, path: Path) -> None:

@@ -28,6 +28,7 @@ PAPERS = {
     "batch_prompts": "StyleAligned's prompt batches (a reference prompt and targets sharing a style description)",
     "ddim_inversion": "DDIM inversion (Song et al. 2021), the real-image entry of StyleAligned and VSP",
     "attention_maps": "Visual Style Prompting's attention-map visualisation, for every method",
+    "fit_style_lora": "DiffStyler: Diffusion-based Localized Image Style Transfer (Li 2024), part 1: a style LoRA fitted on one image",
 }
 
 CAPTIONS = {

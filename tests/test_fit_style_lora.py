@@ -265,3 +265,32 @@ def test_parity_with_a_hand_written_lora_fit_on_diffusers(architecture, v_predic
         initial_weights = torch.cat([torch.cat([up.flatten(), down.flatten()]) for up, down in initial])
         assert_relative_close(fitted_weights - initial_weights, reference_weights - initial_weights, 1e-4)
         assert float((reference_weights - initial_weights).abs().max()) > 1e-4  # the adapters moved
+
+
+def test_the_node_shows_step_and_loss_while_it_fits(engine, monkeypatch):
+    import server
+
+    shown = []
+
+    class Frontend:
+        def send_progress_text(self, text, node_id, sid=None):
+            shown.append((node_id, text))
+
+        def __getattr__(self, name):  # the executor's other messages
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(server.PromptServer, "instance", Frontend(), raising=False)
+    prompt = {
+        "1": {"class_type": "RandomWeightCheckpoint", "inputs": {"architecture": "sd15"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0x8040c0}},
+        "3": {"class_type": "FitStyleLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "prompt": "painting of <sss>",
+            "resolution": 0, "rank": 2, "alpha": 2.0, "steps": 3, "learning_rate": 1e-3, "batch_size": 1,
+            "target_modules": AUTHORS, "target_pattern": "", "latent_sampling": "mean (as VAE Encode)",
+            "training_dtype": "float32", "seed": 0, "filename_prefix": "style_loras/shown"}},
+    }
+    outputs = engine.run(prompt)
+    assert [node for node, _ in shown] == ["3"] * 3
+    assert [text.split("  ")[0] for _, text in shown] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all(float(text.rsplit(" ", 1)[1]) > 0 for _, text in shown)
+    assert outputs["3"]["images"][0]["type"] == "temp"  # the loss curve, shown on the node
