@@ -61,5 +61,5 @@ def train(unet, layers, x0_of_step, draws, embeddings, pooled, learning_rate, pr
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
