@@ -32,15 +32,6 @@ import nodes  # noqa: E402
 import random_models  # noqa: E402
 
 
-def pack_submodule(name):
-    """A module of the pack as ComfyUI's custom-node loader imported it."""
-    for module_name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if path and Path(path).resolve() == REPO / "__init__.py":
-            return sys.modules[f"{module_name}.{name}"]
-    raise RuntimeError("ComfyUI did not import the pack from custom_nodes/")
-
-
 def build(name):
     if name == "tiny":
         return random_models.tiny_sd15(seed=0).model, 32
@@ -55,9 +46,9 @@ def synchronize():
 
 def fit_step_seconds(model, context_dim, side, steps):
     """(median seconds per step after the first, whole fit's seconds)."""
-    glue = pack_submodule("glue.lora_fit")
-    targets = pack_submodule("lora_fit.targets")
-    objective = pack_submodule("lora_fit.objective")
+    glue = comfyui_host.pack_submodule("glue.lora_fit")
+    targets = comfyui_host.pack_submodule("lora_fit.targets")
+    objective = comfyui_host.pack_submodule("lora_fit.objective")
     layers = targets.select_targets(list(glue.linear_layers(model)), targets.DEFAULT_TARGETS)
     mean = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
     positive = [[torch.randn(1, 77, context_dim, generator=torch.Generator().manual_seed(1)), {}]]

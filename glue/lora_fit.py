@@ -6,6 +6,7 @@ model is loaded, conditioned and patched exactly as for sampling, with ComfyUI's
 interrupt at every step. The input MODEL is never modified.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -131,10 +132,11 @@ def fit_style_lora(model, positive, mean: torch.Tensor, std: torch.Tensor | None
             trainee.add_weight_wrapper(f"{name}.weight", adapters[name])
         parameters = [p for adapter in adapters.values() for p in (adapter.lora_up.weight, adapter.lora_down.weight)]
         mean = mean.clone().float()
-        spread = torch.zeros_like(mean) if std is None else \
-            latent_format.process_in(mean + std.to(mean)) - latent_format.process_in(mean)
+        if std is None:  # no posterior to sample: fit on the mean
+            settings, spread = dataclasses.replace(settings, sample_latent=False), torch.zeros_like(mean)
+        else:  # the posterior's spread in the model's latent space (its latent scaling is affine)
+            spread = latent_format.process_in(mean + std.to(mean)) - latent_format.process_in(mean)
         sigma_table = sampling.sigmas.detach().float().cpu()
-        fit_settings = settings if std is not None else FitSettings(**{**settings.__dict__, "sample_latent": False})
 
         def fit_loop(denoise, x, sigmas, on_step):
             def step_done(step, loss, x_t, denoised):
@@ -142,7 +144,7 @@ def fit_style_lora(model, positive, mean: torch.Tensor, std: torch.Tensor | None
                     on_loss(step, loss)
                 on_step(step, x_t, denoised)  # ComfyUI's preview and interrupt check
 
-            losses = fit(denoise, x, spread.to(x), sigma_table, prediction, parameters, fit_settings, step_done)
+            losses = fit(denoise, x, spread.to(x), sigma_table, prediction, parameters, settings, step_done)
             return x, losses
 
         schedule = torch.linspace(float(sampling.sigma_max), float(sampling.sigma_min), settings.steps + 1)

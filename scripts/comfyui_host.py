@@ -25,3 +25,17 @@ def prepare(cpu: bool = True) -> None:
     from comfy.cli_args import args
 
     args.cpu = cpu
+
+
+def pack_module():
+    """The pack as ComfyUI's custom-node loader imported it (module name derived from its folder path)."""
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and Path(path).resolve() == REPO / "__init__.py":
+            return module
+    raise RuntimeError("ComfyUI did not import the pack from custom_nodes/")
+
+
+def pack_submodule(name: str):
+    """A module of the pack, e.g. pack_submodule("glue.lora_fit")."""
+    return sys.modules[f"{pack_module().__name__}.{name}"]

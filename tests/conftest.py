@@ -82,16 +82,7 @@ def _load_comfyui_nodes() -> tuple[list[str], frozenset, list[str]]:
 BUILTIN_IMPORT_FAILURES, CORE_NODE_IDS, CUSTOM_NODE_LOADER_LOG = _load_comfyui_nodes()
 
 
-def pack_module():
-    """The pack as ComfyUI imported it (module name derived from its folder path)."""
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and Path(path).resolve() == REPO / "__init__.py":
-            return module
-    raise RuntimeError("ComfyUI did not import the pack from custom_nodes/")
-
-
-PACK = pack_module()
+PACK = comfyui_host.pack_module()
 
 
 def pack_submodule(name: str):
