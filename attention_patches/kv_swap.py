@@ -16,7 +16,8 @@ class KeyValueSwap:
     key_sources = ("reference",)  # the swapped attention's keys; the plain call at strength < 1 comes second
 
     def __call__(
-        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None
+        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None,
+        timestep: float | None = None,
     ) -> torch.Tensor:
         batch = query.shape[0]
         styled = attention(

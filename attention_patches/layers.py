@@ -52,14 +52,14 @@ def late_decoder_sites(sites: list[TransformerSite]) -> list[TransformerSite]:
     return [site for site in decoder if site.downsamplings < coarsest]
 
 
-def parse_custom_layers(text: str) -> list[tuple[str, int, int | None]]:
+def parse_custom_layers(text: str, input_name: str = "custom_layers") -> list[tuple[str, int, int | None]]:
     """Parse "output.3, output.4.1, middle.0": block.number selects every depth, block.number.index one."""
     selections = []
     for token in text.replace(",", " ").split():
         parts = token.split(".")
         if len(parts) not in (2, 3) or parts[0] not in BLOCK_NAMES or not all(p.isdigit() for p in parts[1:]):
             raise LayerSelectionError(
-                f"custom_layers: cannot read {token!r}; expected block.number or block.number.index "
+                f"{input_name}: cannot read {token!r}; expected block.number or block.number.index "
                 f"with block one of {', '.join(BLOCK_NAMES)} (e.g. output.3 or output.4.1)"
             )
         selections.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
@@ -75,7 +75,7 @@ def resolve_layers(sites: list[TransformerSite], preset: str, custom_layers: str
     elif preset == ALL_SELF_ATTENTION:
         layers = all_layers(sites)
     elif preset == CUSTOM:
-        layers = _resolve_custom(sites, custom_layers)
+        layers = resolve_custom_layers(sites, custom_layers)
     else:
         raise LayerSelectionError(f"layers: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     if not layers:
@@ -86,12 +86,12 @@ def resolve_layers(sites: list[TransformerSite], preset: str, custom_layers: str
     return layers
 
 
-def _resolve_custom(sites: list[TransformerSite], text: str) -> list[SelfAttentionLayer]:
-    selections = parse_custom_layers(text)
+def resolve_custom_layers(sites: list[TransformerSite], text: str, input_name: str = "custom_layers") -> list[SelfAttentionLayer]:
+    selections = parse_custom_layers(text, input_name)
     if not selections:
-        raise LayerSelectionError("custom_layers: empty; list layers such as output.3, output.4.1")
+        raise LayerSelectionError(f"{input_name}: empty; list layers such as output.3, output.4.1")
     return select_layers(all_layers(sites), selections,
-                         "custom_layers: this model has no self-attention at {name}; its layers are {layers}")
+                         input_name + ": this model has no self-attention at {name}; its layers are {layers}")
 
 
 def select_layers(layers: list[SelfAttentionLayer], selections: list[tuple[str, int, int | None]],

@@ -47,7 +47,8 @@ class SharedAttention:
     score_shift: float = 0.0
 
     def __call__(
-        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None
+        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None,
+        timestep: float | None = None,
     ) -> torch.Tensor:
         if self.adain_queries:
             query = adain(query, reference.query)

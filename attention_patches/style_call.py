@@ -33,11 +33,13 @@ class StyleOwner:
 
 @dataclass(frozen=True)
 class StyleCall:
-    """A style that is on in this model call: the call's cond/uncond layout and, for an external
-    reference, its features (recording during the reference's own pass, replaying after)."""
+    """A style that is on in this model call: the call's cond/uncond layout, for an external
+    reference its features (recording during the reference's own pass, replaying after), and the
+    model timestep of the call for behaviours that follow the schedule (None where none asks)."""
 
     cond_or_uncond: tuple[int, ...]
     store: ReferenceFeatureStore | None
+    timestep: float | None = None
 
 
 def style_call(extra_options: dict, owner: StyleOwner) -> StyleCall | None:

@@ -16,12 +16,14 @@ class StyleMethod(Protocol):
     """What a style method does to the targets' self-attention, given the reference's features.
 
     key_sources names the blocks of keys its (first) attention call attends to, for attention maps.
+    timestep is the call's model timestep (StyleCall.timestep), for methods that follow the schedule.
     """
 
     key_sources: tuple[str, ...]
 
     def __call__(
-        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None
+        self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None,
+        timestep: float | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -55,7 +57,7 @@ class StyledSelfAttention:
                 return kernel(query, key, value, heads, attn_precision=precision)
             attention = with_capture(kernel, self.layer, extra_options, self.method.key_sources, query.shape[0],
                                      cond_or_uncond)
-            return self.method(query, key, value, store.get(self.layer), heads, attention, precision)
+            return self.method(query, key, value, store.get(self.layer), heads, attention, precision, call.timestep)
 
         outputs = []
         for (ref, targets), kind in zip(in_batch_references(query.shape[0], call.cond_or_uncond), call.cond_or_uncond):

@@ -2,7 +2,7 @@
 which decides per call whether the style is on, runs an external reference's own pass, keeps its
 recordings in the node's cache, and fills the node's shared-norm slot."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -23,7 +23,9 @@ class StyleCallWrapper:
     hands its layers (and its shared norms) a StyleCall.
 
     With an external reference it first runs the reference alone (every other style of this pack
-    off), recording its features, or takes them from the cache; then the targets replay them.
+    off), recording its features, or takes them from the cache; then the targets replay them. The
+    layers and the modules behind norm_call may act on different sigma ranges (plug-and-play injects
+    attention and features for different parts of the schedule); the reference pass records both.
     """
 
     owner: StyleOwner
@@ -31,19 +33,26 @@ class StyleCallWrapper:
     active_range: SigmaRange
     norm_call: ModelCallSlot | None = None
     cache: FeatureStore | None = None
+    slot_range: SigmaRange | None = None  # where norm_call's modules act, when not active_range
+    with_timestep: bool = False  # StyleCalls carry the model timestep
+    _timesteps: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # another node's reference pass, or outside this style's steps: its layers find no StyleCall
         if RECORDING_OPTION in transformer_options:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         sigma = float(t[0])  # the one device-to-host read of the call
-        if not self.active_range.contains(sigma):
+        layers_on = self.active_range.contains(sigma)
+        slot_on = self.norm_call is not None and (self.slot_range or self.active_range).contains(sigma)
+        if not (layers_on or slot_on):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         store = None if self.reference is None else self._reference_features(executor, t[:1], sigma, x,
                                                                              transformer_options)
-        call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store)
-        options = {**transformer_options, CALLS_OPTION: {**transformer_options.get(CALLS_OPTION, {}), self.owner: call}}
-        if self.norm_call is None:
+        call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store, self._timestep(executor, t, sigma))
+        options = dict(transformer_options)
+        if layers_on:
+            options[CALLS_OPTION] = {**transformer_options.get(CALLS_OPTION, {}), self.owner: call}
+        if not slot_on:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         options[NORM_SLOTS_OPTION] = (*transformer_options.get(NORM_SLOTS_OPTION, ()), self.norm_call)
         self.norm_call.current = call
@@ -51,6 +60,14 @@ class StyleCallWrapper:
             return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         finally:
             self.norm_call.current = None
+
+    def _timestep(self, executor, t, sigma: float) -> float | None:
+        """The model timestep at this sigma, for styles that follow the schedule (read once per sigma)."""
+        if not self.with_timestep:
+            return None
+        if sigma not in self._timesteps:
+            self._timesteps[sigma] = float(executor.class_obj.model_sampling.timestep(t[:1])[0])
+        return self._timesteps[sigma]
 
     def _reference_features(self, executor, sigma, sigma_value: float, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
@@ -62,7 +79,7 @@ class StyleCallWrapper:
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
         inputs = self.reference.model_inputs(base_model, reference_x)
         store = ReferenceFeatureStore()
-        call = StyleCall((0,), store)
+        call = StyleCall((0,), store, self._timestep(executor, sigma, sigma_value))
         options = {**transformer_options, RECORDING_OPTION: self.owner, CALLS_OPTION: {self.owner: call},
                    "cond_or_uncond": [0], "sigmas": sigma}
         # shared norms of other nodes, filled by wrappers outside this one, are off during the pass
@@ -86,12 +103,14 @@ class StyleCallWrapper:
 
 
 def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner, reference: ExternalReference | None,
-                       active_range: SigmaRange, norm_call: ModelCallSlot | None = None) -> None:
+                       active_range: SigmaRange, norm_call: ModelCallSlot | None = None,
+                       slot_range: SigmaRange | None = None, with_timestep: bool = False) -> None:
     """The wrapper (and, with a cache, its unload callback) under keys of this node's own."""
     cache = None if reference is None else reference.new_cache()
     key = f"{WRAPPER_KEY_PREFIX}{owner.node_id}.{owner.uid}"
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
-                               StyleCallWrapper(owner, reference, active_range, norm_call, cache))
+                               StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range,
+                                                with_timestep))
     if cache is not None:
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, ClearOnUnload(cache))
 

@@ -6,6 +6,7 @@ from .ddim_inversion import DDIMInversion, LoadInversion, SaveInversion
 from .fit_style_lora import FitStyleLoRA
 from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
+from .style_injection import StyleInjection
 from .visual_style_prompting import VisualStylePrompting
 
 NODES = [
@@ -20,4 +21,5 @@ NODES = [
     CaptureAttentionMaps,
     AttentionMapHeatmap,
     FitStyleLoRA,
+    StyleInjection,
 ]

@@ -1,8 +1,10 @@
 """Reading a ComfyUI UNet's transformer layout and sigma schedule for the pure layer maps."""
 
+import torch
+
 import comfy.model_patcher
 from comfy.ldm.modules.attention import SpatialTransformer
-from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
 from ..attention_patches.layers import TransformerSite
 from ..attention_patches.sigma_range import SigmaRange
@@ -48,3 +50,16 @@ def active_sigma_range(model: comfy.model_patcher.ModelPatcher, start_percent: f
         sigma_start=float(model_sampling.percent_to_sigma(start_percent)),
         sigma_end=float(model_sampling.percent_to_sigma(end_percent)),
     )
+
+
+def residual_branch_end(model: comfy.model_patcher.ModelPatcher, output_block: int, input_name: str) -> str:
+    """The module path of the last layer of the residual branch of output block N's ResBlock: its output
+    is the branch's, before the skip connection is added (diffusers' hidden_states after conv2)."""
+    unet = model.get_model_object("diffusion_model")
+    for index, layer in enumerate(unet.output_blocks[output_block]):
+        if isinstance(layer, ResBlock):
+            if layer.use_scale_shift_norm or not isinstance(layer.out_layers, torch.nn.Sequential):
+                break
+            return f"diffusion_model.output_blocks.{output_block}.{index}.out_layers.{len(layer.out_layers) - 1}"
+    raise ValueError(f"{input_name}: output block {output_block} of this UNet has no ResBlock whose residual "
+                     "branch can be injected")

@@ -63,3 +63,19 @@ def test_a_preset_that_selects_nothing_is_an_error():
     one_level = [layers_module.TransformerSite("output", 0, 1, 0), layers_module.TransformerSite("input", 1, 1, 0)]
     with pytest.raises(ValueError, match="layers: preset 'late_self_attention' selects no self-attention layer"):
         layers_module.resolve_layers(one_level, "late_self_attention")
+
+
+injection = pack_submodule("attention_patches.injection")
+
+
+def test_plug_and_play_sites_on_full_size_models_are_the_authors_and_sdxls_mapping(full_size_sites):
+    sd15, sdxl = full_size_sites["SD15"], full_size_sites["SDXL"]
+    # SD1.5: decoder layers 4-11 (up_blocks[1].attentions[1, 2], up_blocks[2..3]) and up_blocks[1].resnets[1]
+    assert injection.resolve_attention_sites(sd15, "plug_and_play") == [("output", n, 0) for n in range(4, 12)]
+    assert injection.resolve_feature_blocks(sd15, 12, "plug_and_play") == [4]
+    # SDXL: the same rule on its decoder (coarsest attention level = output blocks 0-2, 10 blocks deep)
+    assert injection.resolve_attention_sites(sdxl, "plug_and_play") == [
+        ("output", n, i) for n in (1, 2) for i in range(10)] + [("output", n, i) for n in (3, 4, 5) for i in (0, 1)]
+    assert injection.resolve_feature_blocks(sdxl, 9, "plug_and_play") == [1]
+    model = meta_model("SD15")
+    assert model_layers.residual_branch_end(model, 4, "feature_sites") == "diffusion_model.output_blocks.4.0.out_layers.3"

@@ -1,0 +1,220 @@
+"""StyleInjection (DiffStyler part 2): the content's inversion runs as a source branch and its
+ResBlock features and self-attention queries/keys are injected into the styled run."""
+
+import pytest
+import torch
+
+import comfy.sample
+from helpers import (assert_relative_close, attention_by_hand, encode, invert, record_attention, relative_error,
+                     run_node, vsp, with_separate_cond_batches)
+from reference import pnp as reference_pnp
+from reference.attention import PlainProcessor
+from reference.models import twin_models
+from reference.sampling import sd_scheduler
+from test_ddim_inversion import tamed
+from test_parity import TOLERANCE, random_prompts, scale_factor
+
+STEPS = 4
+
+
+def inject(model, trajectory, clip=None, conditioning=None, feature_fraction=0.6, attention_fraction=0.5,
+           attention_sites="plug_and_play", custom_attention_sites="", feature_sites="plug_and_play",
+           custom_feature_sites="", cache_megabytes=0):
+    (patched,) = run_node("StyleInjection", model=model, inversion=trajectory, clip=clip, source_prompt="",
+                          feature_fraction=feature_fraction, attention_fraction=attention_fraction,
+                          attention_sites=attention_sites, custom_attention_sites=custom_attention_sites,
+                          feature_sites=feature_sites, custom_feature_sites=custom_feature_sites,
+                          cache_megabytes=cache_megabytes, cache_on_cpu=False, conditioning=conditioning)
+    return patched
+
+
+def content(models, seed=11, size=8, steps=STEPS):
+    latent = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
+    empty = encode(models.clip, "")
+    inverted, trajectory = invert(models.model, latent, empty, empty, steps=steps, scheduler="ddim_uniform")
+    return latent, inverted["samples"], trajectory
+
+
+def sample_from(model, start, positive, negative, steps=STEPS, cfg=4.0, batch=1):
+    """KSampler (Advanced) with add_noise off, from the inverted latent, on the inversion's schedule."""
+    start = start.expand(max(batch, start.shape[0]), -1, -1, -1)
+    return comfy.sample.sample(model, torch.zeros_like(start), steps, cfg, "euler", "ddim_uniform", positive, negative,
+                               start, disable_noise=True, disable_pbar=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd15_content(sd15):
+    return content(sd15)
+
+
+def prompts_of(models):
+    return encode(models.clip, "a dog"), encode(models.clip, "")
+
+
+def test_sites_resolve_to_the_authors_decoder_layers(sd15, sd15_content):
+    injected = inject(sd15.model, sd15_content[2], clip=sd15.clip)
+    attn1 = injected.model_options["transformer_options"]["patches_replace"]["attn1"]
+    # tiny SD1.5: decoder transformers in output blocks 2-5; all but the first, and the ResBlock of the second
+    assert sorted(attn1) == [("output", 3, 0), ("output", 4, 0), ("output", 5, 0)]
+    assert list(injected.object_patches) == ["diffusion_model.output_blocks.3.0.out_layers.3"]
+    assert sd15.model.object_patches == {} and "patches_replace" not in sd15.model.model_options["transformer_options"]
+
+
+def test_injected_queries_keys_and_residual_follow_the_formula(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    injected = inject(sd15.model, trajectory, clip=sd15.clip, feature_fraction=1.0, attention_fraction=1.0)
+    unet = sd15.model.get_model_object("diffusion_model")
+    resblock = unet.output_blocks[3][0]
+    branch_end, seen = resblock.out_layers[3], []
+    hooks = [branch_end.register_forward_hook(lambda m, i, o: seen.append({"h": o.detach().clone()})),
+             resblock.register_forward_hook(lambda m, i, o: seen[-1].update(x=i[0].detach().clone(), out=o.detach().clone()))]
+    model_sampling = sd15.model.get_model_object("model_sampling")
+    try:
+        with record_attention(sd15.model, ("output", 4, 0)) as calls:
+            sample_from(injected, start, *prompts_of(sd15))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [call["q"].shape[0] for call in calls] == [1, 2] * STEPS  # the source alone, then cond + uncond
+    heads = unet.output_blocks[4][1].transformer_blocks[0].attn1.heads
+    rates = []
+    for step in range(STEPS):
+        source, target = calls[2 * step], calls[2 * step + 1]
+        sigma = float(trajectory.sigmas.flip(0)[step])
+        rate = min(1.0, 2 * float(model_sampling.timestep(torch.tensor(sigma))) / 1000)
+        rates.append(rate)
+        q = rate * source["q"] + (1 - rate) * target["q"]
+        k = rate * source["k"] + (1 - rate) * target["k"]
+        assert_relative_close(target["out"], attention_by_hand(q, k, target["v"], heads), 1e-5)
+        residual_source, residual_target = seen[2 * step], seen[2 * step + 1]
+        expected = resblock.skip_connection(residual_target["x"]) + residual_source["h"]
+        assert_relative_close(residual_target["out"], expected, 1e-6)
+    assert rates[0] == 1.0 and 0.0 < rates[-1] < 0.01 and 0.4 < rates[2] < 0.6  # t = 751, 501, 251, 1
+
+
+@pytest.mark.parametrize("fractions", [(0.0, 0.0), (0.001, 0.001)], ids=["zero", "before_the_first_step"])
+def test_no_injected_step_is_plain_sampling_bit_for_bit(sd15, sd15_content, fractions):
+    _, start, trajectory = sd15_content
+    injected = inject(sd15.model, trajectory, clip=sd15.clip, feature_fraction=fractions[0],
+                      attention_fraction=fractions[1])
+    assert torch.equal(sample_from(injected, start, *prompts_of(sd15)), sample_from(sd15.model, start, *prompts_of(sd15)))
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_the_output_keeps_more_of_the_content_as_the_fractions_rise(seed):
+    import random_models
+
+    models = tamed(random_models.tiny_sd15(seed=seed))
+    latent, start, trajectory = content(models, steps=20)
+    positive, negative = encode(models.clip, "a cat in the style of van gogh"), encode(models.clip, "")
+    reconstruction = sample_from(models.model, start, encode(models.clip, ""), negative, steps=20, cfg=1.0)
+    assert relative_error(reconstruction, latent) < 0.05
+    every_decoder_resblock = ", ".join(f"output.{n}" for n in range(6))  # one ResBlock moves a tiny UNet little
+
+    def distance(fraction):
+        injected = inject(models.model, trajectory, clip=models.clip, feature_fraction=fraction,
+                          attention_fraction=fraction, attention_sites="decoder", feature_sites="custom",
+                          custom_feature_sites=every_decoder_resblock)
+        return relative_error(sample_from(injected, start, positive, negative, steps=20, cfg=7.5), reconstruction)
+
+    distances = [distance(fraction) for fraction in (0.0, 0.2, 0.4, 0.6)]
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:])), distances
+    assert distances[-1] < 0.35 * distances[0], distances
+
+
+@pytest.mark.parametrize("layout", ["separate", "reversed", "cfg1"])
+def test_cond_uncond_layouts_agree(sd15, sd15_content, layout):
+    _, start, trajectory = sd15_content
+    injected = inject(sd15.model, trajectory, clip=sd15.clip, feature_fraction=1.0, attention_fraction=1.0)
+    cfg = 1.0 if layout == "cfg1" else 4.0
+    together = sample_from(injected, start, *prompts_of(sd15), cfg=cfg, batch=2)
+    other = injected if layout == "cfg1" else with_separate_cond_batches(injected, reverse=layout == "reversed")
+    if layout == "cfg1":  # cfg 1 runs cond alone: compare with uncond = cond at cfg 4, which is the cond result
+        positive = prompts_of(sd15)[0]
+        assert_relative_close(sample_from(injected, start, positive, positive, cfg=4.0, batch=2), together, 1e-5)
+    else:
+        assert_relative_close(sample_from(other, start, *prompts_of(sd15), cfg=cfg, batch=2), together, 1e-5)
+
+
+def test_injection_leaves_no_trace(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    before = sample_from(sd15.model, start, *prompts_of(sd15))
+    injected = sample_from(inject(sd15.model, trajectory, clip=sd15.clip), start, *prompts_of(sd15))
+    assert relative_error(injected, before) > 1e-3
+    assert torch.equal(sample_from(sd15.model, start, *prompts_of(sd15)), before)
+
+
+def test_a_recorded_source_replays_the_same_run(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    injected = inject(sd15.model, trajectory, clip=sd15.clip, cache_megabytes=64)
+    unet = sd15.model.get_model_object("diffusion_model")
+    batches = []
+    hook = unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        first, second = (sample_from(injected, start, *prompts_of(sd15)) for _ in range(2))
+    finally:
+        hook.remove()
+    assert batches.count(1) == 2  # the source ran for the 2 injected steps of the first run only
+    assert_relative_close(second, first, 1e-6)
+    uncached = sample_from(inject(sd15.model, trajectory, clip=sd15.clip), start, *prompts_of(sd15))
+    assert_relative_close(first, uncached, 1e-6)
+
+
+def test_chained_with_visual_style_prompting(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    with pytest.raises(ValueError, match="VisualStylePrompting would restyle output.4.0, output.5.0, which "
+                                         "StyleInjection earlier in this chain already styles"):
+        vsp(inject(sd15.model, trajectory, clip=sd15.clip))
+    chained = vsp(inject(sd15.model, trajectory, clip=sd15.clip, attention_sites="custom",
+                         custom_attention_sites="output.2, output.3"), layers="custom", custom_layers="output.4, output.5")
+    starts = torch.cat([start, 0.8 * start])  # two images, so VSP's target differs from its reference
+    alone = sample_from(inject(sd15.model, trajectory, clip=sd15.clip, attention_sites="custom",
+                               custom_attention_sites="output.2, output.3"), starts, *prompts_of(sd15))
+    both = sample_from(chained, starts, *prompts_of(sd15))
+    assert relative_error(both, alone) > 1e-3  # VSP acted on top of the injection
+    assert_relative_close(both[0], alone[0], 1e-6)  # batch item 0 is VSP's in-batch reference: only injected
+
+
+def test_bad_inputs_are_named(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    with pytest.raises(ValueError, match=r"feature_fraction: 1.5 is outside \[0, 1\]"):
+        inject(sd15.model, trajectory, clip=sd15.clip, feature_fraction=1.5)
+    with pytest.raises(ValueError, match="custom_attention_sites: this model has no self-attention at output.0"):
+        inject(sd15.model, trajectory, clip=sd15.clip, attention_sites="custom", custom_attention_sites="output.0")
+    with pytest.raises(ValueError, match="custom_feature_sites: cannot read 'input.1'"):
+        inject(sd15.model, trajectory, clip=sd15.clip, feature_sites="custom", custom_feature_sites="input.1")
+    with pytest.raises(ValueError, match="is not in the inversion's schedule"):
+        sample_from(inject(sd15.model, trajectory, clip=sd15.clip), start, *prompts_of(sd15), steps=6)
+    bigger = torch.zeros(1, 4, 16, 16)
+    with pytest.raises(ValueError, match="sample the content's inverted latent itself"):
+        sample_from(inject(sd15.model, trajectory, clip=sd15.clip), bigger, *prompts_of(sd15))
+    _, two = invert(sd15.model, torch.zeros(2, 4, 8, 8), *prompts_of(sd15), steps=2)
+    with pytest.raises(ValueError, match="inversion: holds 2 images; the content is one image"):
+        inject(sd15.model, two, clip=sd15.clip)
+    assert sd15.model.object_patches == {}
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_parity_with_the_authors_injection_on_the_diffusers_twin(architecture):
+    twins = twin_models(architecture, seed=1)
+    prompts = random_prompts(twins, batch=2)
+    source = random_prompts(twins, batch=1, seed=8)
+    positive, negative = prompts.comfy_conditioning()
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12))
+    inverted, trajectory = invert(twins.comfy_model, latent, source.comfy_conditioning()[0],
+                                  source.comfy_conditioning()[0], steps=STEPS, scheduler="ddim_uniform")
+    injected = inject(twins.comfy_model, trajectory, conditioning=source.comfy_conditioning()[0],
+                      feature_fraction=0.5, attention_fraction=0.75)
+    ours = sample_from(injected, inverted["samples"], positive, negative, batch=2)
+
+    schedule = reference_pnp.Schedule()
+    hook = reference_pnp.install(twins.diffusers_unet, schedule)
+    try:
+        expected = reference_pnp.pnp_sample(twins.diffusers_unet, sd_scheduler(), schedule, trajectory, STEPS,
+                                            prompts, source, 4.0, attention_steps=3, feature_steps=2)
+    finally:
+        hook.remove()
+        twins.diffusers_unet.set_attn_processor(PlainProcessor())
+    assert_relative_close(ours * scale_factor(twins), expected, TOLERANCE)
+    plain = sample_from(twins.comfy_model, inverted["samples"], positive, negative, batch=2)
+    assert relative_error(plain * scale_factor(twins), expected) > 100 * TOLERANCE
