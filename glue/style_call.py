@@ -35,6 +35,7 @@ class StyleCallWrapper:
     cache: FeatureStore | None = None
     slot_range: SigmaRange | None = None  # where norm_call's modules act, when not active_range
     with_timestep: bool = False  # StyleCalls carry the model timestep
+    recorded: FeatureStore | None = None  # the reference's features recorded by another run: no pass here
     _timesteps: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -46,8 +47,11 @@ class StyleCallWrapper:
         slot_on = self.norm_call is not None and (self.slot_range or self.active_range).contains(sigma)
         if not (layers_on or slot_on):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        store = None if self.reference is None else self._reference_features(executor, t[:1], sigma, x,
-                                                                             transformer_options)
+        store = None
+        if self.recorded is not None:
+            store = ReferenceFeatureStore(recording=False, features=self.recorded.at(sigma, x.device))
+        elif self.reference is not None:
+            store = self._reference_features(executor, t[:1], sigma, x, transformer_options)
         call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store, self._timestep(executor, t, sigma))
         options = dict(transformer_options)
         if layers_on:
@@ -104,13 +108,14 @@ class StyleCallWrapper:
 
 def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner, reference: ExternalReference | None,
                        active_range: SigmaRange, norm_call: ModelCallSlot | None = None,
-                       slot_range: SigmaRange | None = None, with_timestep: bool = False) -> None:
+                       slot_range: SigmaRange | None = None, with_timestep: bool = False,
+                       recorded: FeatureStore | None = None) -> None:
     """The wrapper (and, with a cache, its unload callback) under keys of this node's own."""
     cache = None if reference is None else reference.new_cache()
     key = f"{WRAPPER_KEY_PREFIX}{owner.node_id}.{owner.uid}"
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
                                StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range,
-                                                with_timestep))
+                                                with_timestep, recorded))
     if cache is not None:
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, ClearOnUnload(cache))
 

@@ -2,7 +2,8 @@
 
 from .attention_maps import AttentionMapHeatmap, CaptureAttentionMaps
 from .batch_prompts import ReferenceTargetPrompts
-from .ddim_inversion import DDIMInversion, LoadInversion, SaveInversion
+from .content_features import LoadContentFeatures, RecordContentFeatures, SaveContentFeatures
+from .ddim_inversion import DDIMInversion, InversionLatent, LoadInversion, SaveInversion
 from .fit_style_lora import FitStyleLoRA
 from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
@@ -18,8 +19,12 @@ NODES = [
     DDIMInversion,
     SaveInversion,
     LoadInversion,
+    InversionLatent,
     CaptureAttentionMaps,
     AttentionMapHeatmap,
     FitStyleLoRA,
     StyleInjection,
+    RecordContentFeatures,
+    SaveContentFeatures,
+    LoadContentFeatures,
 ]

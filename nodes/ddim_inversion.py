@@ -89,12 +89,13 @@ class SaveInversion(io.ComfyNode):
         return io.NodeOutput()
 
 
-def inversion_files() -> list[str]:
+def saved_files(suffix: str) -> list[str]:
+    """Files ending in suffix under input/ and (annotated [output]) output/, for a loader's dropdown."""
     found = []
     for annotation, root in (("", folder_paths.get_input_directory()), (" [output]", folder_paths.get_output_directory())):
         for folder, _, files in os.walk(root):
             for file in files:
-                if file.endswith(INVERSION_SUFFIX):
+                if file.endswith(suffix):
                     found.append(os.path.relpath(os.path.join(folder, file), root) + annotation)
     return sorted(found)
 
@@ -106,7 +107,7 @@ class LoadInversion(io.ComfyNode):
             node_id="LoadInversion",
             display_name="Load Inversion",
             category="style_attention/inversion",
-            inputs=[io.Combo.Input("inversion", options=inversion_files(),
+            inputs=[io.Combo.Input("inversion", options=saved_files(INVERSION_SUFFIX),
                                    tooltip="An inversion saved by Save Inversion (input/ or [output]).")],
             outputs=[Inversion.Output(display_name="inversion")],
         )
@@ -114,3 +115,33 @@ class LoadInversion(io.ComfyNode):
     @classmethod
     def execute(cls, inversion) -> io.NodeOutput:
         return io.NodeOutput(load_trajectory(folder_paths.get_annotated_filepath(inversion)))
+
+
+class InversionLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InversionLatent",
+            display_name="Inversion Latent At Schedule",
+            category="style_attention/inversion",
+            description="The latent an inversion reached at the first sigma of a sampling schedule: sample a finer "
+            "inversion (the DiffStyler authors invert with 1000 steps and sample with 50) from here, with these "
+            "steps and scheduler. The schedule's sigmas must be in the inversion's (ddim_uniform: steps dividing the "
+            "inversion's).",
+            inputs=[
+                Inversion.Input("inversion", tooltip="From DDIM Inversion or Load Inversion."),
+                io.Model.Input("model", tooltip="The model that will sample (for its schedule and latent format)."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="The sampling steps."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                               tooltip="The sampling scheduler."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, inversion, model, steps, scheduler) -> io.NodeOutput:
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+        for sigma in sigmas[:-1].tolist():  # every sampling step will look its source latent up
+            inversion.latent_at(sigma)
+        latent = inversion.latent_at(float(sigmas[0]))
+        return io.NodeOutput({"samples": model.get_model_object("latent_format").process_out(latent)})

@@ -5,3 +5,4 @@ from comfy_api.latest import io
 StyleReference = io.Custom("STYLE_REFERENCE")  # glue.references.ExternalReference
 Inversion = io.Custom("INVERSION")  # inversion.ddim.InversionTrajectory
 AttentionMaps = io.Custom("ATTENTION_MAPS")  # attention_patches.attention_maps.AttentionMapRecorder
+ContentFeatures = io.Custom("CONTENT_FEATURES")  # glue.source_features.RecordedSource

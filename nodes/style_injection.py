@@ -9,8 +9,9 @@ from ..attention_patches.injection import (ATTENTION_SITE_PRESETS, FEATURE_SITE_
 from ..attention_patches.shared_norm import ModelCallSlot
 from ..attention_patches.style_call import StyleOwner
 from ..glue.references import InversionReference
+from ..glue.source_features import RecordedSource
 from ..glue.style_call import install_style_call
-from .io_types import Inversion
+from .io_types import ContentFeatures, Inversion
 from .model_layers import active_sigma_range, residual_branch_end, transformer_sites
 from .reference import cache_inputs, conditioning_input, reference_conditioning
 from .style_inputs import LayerConflictError, install_styled_self_attention, new_owner, validate_reference
@@ -40,6 +41,44 @@ def check_fraction(value: float, name: str) -> None:
                          "that injects")
 
 
+def site_inputs() -> list:
+    return [
+        io.Combo.Input("attention_sites", options=list(ATTENTION_SITE_PRESETS), default=PLUG_AND_PLAY,
+                       tooltip="plug_and_play: the decoder's transformers after its first (SD1.5 output blocks "
+                       "4-11, SDXL 1-5). decoder: all of them. custom: custom_attention_sites."),
+        io.String.Input("custom_attention_sites", default="",
+                        tooltip="With attention_sites custom: block.number or block.number.index, e.g. output.4, output.6.0"),
+        io.Combo.Input("feature_sites", options=list(FEATURE_SITE_PRESETS), default=PLUG_AND_PLAY,
+                       tooltip="plug_and_play: the ResBlock of the decoder's second attention block (SD1.5 output "
+                       "block 4 = up_blocks[1].resnets[1], SDXL output block 1). none: no feature injection. "
+                       "custom: custom_feature_sites."),
+        io.String.Input("custom_feature_sites", default="",
+                        tooltip="With feature_sites custom: decoder blocks whose ResBlock is injected, e.g. output.4, output.5"),
+    ]
+
+
+def resolve_sites(model, attention_sites, custom_attention_sites, feature_sites, custom_feature_sites,
+                  with_attention=True, with_features=True) -> tuple[list, list[str]]:
+    """(self-attention layers, residual-branch module paths) on this UNet."""
+    sites = transformer_sites(model, NODE_ID)
+    layers = resolve_attention_sites(sites, attention_sites, custom_attention_sites) if with_attention else []
+    blocks = resolve_feature_blocks(sites, len(model.get_model_object("diffusion_model").output_blocks), feature_sites,
+                                    custom_feature_sites)
+    return layers, [residual_branch_end(model, block, "feature_sites") for block in blocks] if with_features else []
+
+
+def source_of(model, inversion, clip, source_prompt, conditioning, cache_megabytes=0, cache_on_cpu=False):
+    """The content's source branch: its inversion, conditioned on the source prompt."""
+    if inversion.latents.shape[1] != 1:
+        raise ValueError(f"inversion: holds {inversion.latents.shape[1]} images; the content is one image")
+    if clip is None and conditioning is None:
+        raise ValueError("clip: needed to encode source_prompt (or connect conditioning)")
+    source = InversionReference(conditioning=reference_conditioning(clip, source_prompt, conditioning),
+                                cache_megabytes=cache_megabytes, cache_on_cpu=cache_on_cpu, trajectory=inversion)
+    validate_reference(source, model, "inversion")
+    return source
+
+
 class StyleInjection(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -54,49 +93,44 @@ class StyleInjection(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with, typically Fit Style LoRA's output. Its own "
                                "UNet runs the source branch, as in the authors' code. Cloned, never changed."),
-                Inversion.Input("inversion", tooltip="The content image's DDIM inversion (one image)."),
-                io.Clip.Input("clip", tooltip="Encodes the source branch's prompt."),
-                io.String.Input("source_prompt", default="", multiline=True,
-                                tooltip="The source branch's prompt; the authors use the empty prompt."),
                 io.Float.Input("feature_fraction", default=0.6, min=0.0, max=1.0, step=0.01,
                                tooltip="Part of the schedule, from the start, in which the ResBlock features are the "
                                "content's (authors: 30 of 50 steps). 0: off."),
                 io.Float.Input("attention_fraction", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Part of the schedule, from the start, in which self-attention takes the "
                                "content's queries and keys (authors: 25 of 50 steps), blended by min(1, 2t/1000). 0: off."),
-                io.Combo.Input("attention_sites", options=list(ATTENTION_SITE_PRESETS), default=PLUG_AND_PLAY,
-                               tooltip="plug_and_play: the decoder's transformers after its first (SD1.5 output blocks "
-                               "4-11, SDXL 1-5). decoder: all of them. custom: custom_attention_sites."),
-                io.String.Input("custom_attention_sites", default="",
-                                tooltip="With attention_sites custom: block.number or block.number.index, e.g. output.4, output.6.0"),
-                io.Combo.Input("feature_sites", options=list(FEATURE_SITE_PRESETS), default=PLUG_AND_PLAY,
-                               tooltip="plug_and_play: the ResBlock of the decoder's second attention block (SD1.5 output "
-                               "block 4 = up_blocks[1].resnets[1], SDXL output block 1). none: no feature injection. "
-                               "custom: custom_feature_sites."),
-                io.String.Input("custom_feature_sites", default="",
-                                tooltip="With feature_sites custom: decoder blocks whose ResBlock is injected, e.g. output.4, output.5"),
+                *site_inputs(),
+                io.String.Input("source_prompt", default="", multiline=True,
+                                tooltip="The source branch's prompt (with inversion); the authors use the empty prompt."),
                 *cache_inputs(),
+                Inversion.Input("inversion", optional=True,
+                                tooltip="The content image's DDIM inversion (one image): the source runs through this "
+                                "model at each injected step."),
+                ContentFeatures.Input("content_features", optional=True,
+                                      tooltip="Instead of inversion: the content's features recorded once (Record Content "
+                                      "Features, e.g. by the plain model) and replayed into this model's run."),
+                io.Clip.Input("clip", optional=True, tooltip="Encodes source_prompt (with inversion)."),
                 conditioning_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, inversion, clip, source_prompt, feature_fraction, attention_fraction, attention_sites,
-                custom_attention_sites, feature_sites, custom_feature_sites, cache_megabytes, cache_on_cpu,
-                conditioning=None) -> io.NodeOutput:
+    def execute(cls, model, feature_fraction, attention_fraction, attention_sites, custom_attention_sites,
+                feature_sites, custom_feature_sites, source_prompt, cache_megabytes, cache_on_cpu, inversion=None,
+                content_features=None, clip=None, conditioning=None) -> io.NodeOutput:
         check_fraction(feature_fraction, "feature_fraction")
         check_fraction(attention_fraction, "attention_fraction")
-        if inversion.latents.shape[1] != 1:
-            raise ValueError(f"inversion: holds {inversion.latents.shape[1]} images; the content is one image")
-        sites = transformer_sites(model, NODE_ID)
-        layers = resolve_attention_sites(sites, attention_sites, custom_attention_sites) if attention_fraction else []
-        unet = model.get_model_object("diffusion_model")
-        blocks = resolve_feature_blocks(sites, len(unet.output_blocks), feature_sites, custom_feature_sites)
-        paths = [residual_branch_end(model, block, "feature_sites") for block in blocks] if feature_fraction else []
-        source = InversionReference(conditioning=reference_conditioning(clip, source_prompt, conditioning),
-                                    cache_megabytes=cache_megabytes, cache_on_cpu=cache_on_cpu, trajectory=inversion)
-        validate_reference(source, model, "inversion")
+        layers, paths = resolve_sites(model, attention_sites, custom_attention_sites, feature_sites,
+                                      custom_feature_sites, attention_fraction > 0, feature_fraction > 0)
+        if (inversion is None) == (content_features is None):
+            raise ValueError("inversion / content_features: connect exactly one: the content's inversion (its source "
+                             "runs at each step) or its recorded features")
+        source = None
+        if inversion is not None:
+            source = source_of(model, inversion, clip, source_prompt, conditioning, cache_megabytes, cache_on_cpu)
+        else:
+            check_recorded(content_features, model, layers, paths)
         patched = model.clone()
         if not layers and not paths:
             return io.NodeOutput(patched)
@@ -105,5 +139,17 @@ class StyleInjection(io.ComfyNode):
             install_styled_self_attention(patched, layers, QueryKeyInjection(), owner)
         slot = install_injected_residuals(patched, paths, owner) if paths else None
         install_style_call(patched, owner, source, active_sigma_range(model, 0.0, attention_fraction), slot,
-                           slot_range=active_sigma_range(model, 0.0, feature_fraction), with_timestep=True)
+                           slot_range=active_sigma_range(model, 0.0, feature_fraction), with_timestep=True,
+                           recorded=None if content_features is None else content_features.store)
         return io.NodeOutput(patched)
+
+
+def check_recorded(recorded: RecordedSource, model, layers, paths) -> None:
+    missing = recorded.missing(layers, paths)
+    if missing:
+        raise ValueError(f"content_features: recorded at {len(recorded.layers)} attention and {len(recorded.paths)} "
+                         f"feature sites, not at {', '.join(missing)}; record with the same sites")
+    channels = model.get_model_object("latent_format").latent_channels
+    if recorded.latent_shape[1] != channels:
+        raise ValueError(f"content_features: recorded from {recorded.latent_shape[1]}-channel latents; this model's "
+                         f"have {channels}")

@@ -75,7 +75,7 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
             node["inputs"]["ckpt_name"] = checkpoint_name
         elif random_weights and node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=RANDOM_WEIGHTS_SIDE, height=RANDOM_WEIGHTS_SIDE)
-        elif random_weights and node["class_type"] in ("KSampler", "DDIMInversion"):
+        elif random_weights and node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion"):
             node["inputs"]["steps"] = RANDOM_WEIGHTS_STEPS
         elif random_weights and node["class_type"] == "FitStyleLoRA":
             node["inputs"].update(steps=RANDOM_WEIGHTS_STEPS, resolution=RANDOM_WEIGHTS_SIDE)

@@ -30,6 +30,7 @@ PAPERS = {
     "attention_maps": "Visual Style Prompting's attention-map visualisation, for every method",
     "fit_style_lora": "DiffStyler: Diffusion-based Localized Image Style Transfer (Li 2024), part 1: a style LoRA fitted on one image",
     "style_injection": "DiffStyler (Li 2024), part 2: the content injected plug-and-play (Tumanyan et al. 2023)",
+    "content_features": "DiffStyler (Li 2024), part 2: the content's source branch recorded once for many styles",
 }
 
 CAPTIONS = {

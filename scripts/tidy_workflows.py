@@ -79,6 +79,7 @@ def tidy(page, path: Path) -> None:
     workflow.setdefault("extra", {})["ds"] = fitted_view(page, SAVED_VIEWPORT)
     path.write_text(json.dumps(workflow, indent=2) + "\n")
     fitted_view(page, THUMBNAIL_VIEWPORT)  # a large canvas draws the nodes in full detail
+    frontend.close_dialogs(page)  # the template greeting can open late, over the canvas
     shot = Path(tempfile.mkstemp(suffix=".png")[1])
     page.screenshot(path=str(shot), clip=page.evaluate(NODES_ON_SCREEN, 30))
     frontend.save_as_jpeg(shot, path.with_suffix(".jpg"), THUMBNAIL_WIDTH, quality=85)

@@ -115,7 +115,7 @@ def test_save_and_load_are_exact(ideal, tmp_path):
     (saved,) = (tmp_path / "inversions").iterdir()
     assert saved.name == "cat_00001_.inversion.safetensors"
     name = "inversions/cat_00001_.inversion.safetensors [output]"
-    assert name in pack_submodule("nodes.ddim_inversion").inversion_files()
+    assert name in pack_submodule("nodes.ddim_inversion").saved_files(".inversion.safetensors")
     (loaded,) = run_node("LoadInversion", inversion=name)
     assert torch.equal(loaded.sigmas, trajectory.sigmas) and torch.equal(loaded.latents, trajectory.latents)
 

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import REPO, Engine, load_workflow_as_api
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA"}
+STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA", "StyleInjection"}
 
 
 def test_every_workflow_has_a_thumbnail():
@@ -35,7 +35,7 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
             node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
         elif node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
-        elif node["class_type"] in ("KSampler", "DDIMInversion"):
+        elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion"):
             node["inputs"]["steps"] = 3
         elif node["class_type"] == "FitStyleLoRA":  # a few steps on the 64x64 image, large enough to show
             node["inputs"].update(steps=3, resolution=0, learning_rate=1e-2)
@@ -50,8 +50,8 @@ def without_style(prompt: dict) -> dict:
         del prompt[node_id]
     for node in prompt.values():
         for name, value in node["inputs"].items():
-            if isinstance(value, list) and value[0] in bypassed:
-                node["inputs"][name] = bypassed[value[0]]
+            while isinstance(value, list) and value[0] in bypassed:  # a style node fed by another one
+                value = node["inputs"][name] = bypassed[value[0]]
     references = ("StyleReferenceLatent", "StyleReferenceInversion")
     return {node_id: node for node_id, node in prompt.items() if node["class_type"] not in references}
 

@@ -17,10 +17,11 @@ from test_parity import TOLERANCE, random_prompts, scale_factor
 STEPS = 4
 
 
-def inject(model, trajectory, clip=None, conditioning=None, feature_fraction=0.6, attention_fraction=0.5,
+def inject(model, trajectory=None, clip=None, conditioning=None, feature_fraction=0.6, attention_fraction=0.5,
            attention_sites="plug_and_play", custom_attention_sites="", feature_sites="plug_and_play",
-           custom_feature_sites="", cache_megabytes=0):
-    (patched,) = run_node("StyleInjection", model=model, inversion=trajectory, clip=clip, source_prompt="",
+           custom_feature_sites="", cache_megabytes=0, content_features=None):
+    (patched,) = run_node("StyleInjection", model=model, inversion=trajectory, content_features=content_features,
+                          clip=clip, source_prompt="",
                           feature_fraction=feature_fraction, attention_fraction=attention_fraction,
                           attention_sites=attention_sites, custom_attention_sites=custom_attention_sites,
                           feature_sites=feature_sites, custom_feature_sites=custom_feature_sites,
@@ -218,3 +219,69 @@ def test_parity_with_the_authors_injection_on_the_diffusers_twin(architecture):
     assert_relative_close(ours * scale_factor(twins), expected, TOLERANCE)
     plain = sample_from(twins.comfy_model, inverted["samples"], positive, negative, batch=2)
     assert relative_error(plain * scale_factor(twins), expected) > 100 * TOLERANCE
+
+
+def record(models, trajectory, steps=STEPS, scheduler="ddim_uniform", fraction=1.0, max_megabytes=64, **sites):
+    site_inputs = {"attention_sites": "plug_and_play", "custom_attention_sites": "", "feature_sites": "plug_and_play",
+                   "custom_feature_sites": "", **sites}
+    (features,) = run_node("RecordContentFeatures", model=models.model, inversion=trajectory, steps=steps,
+                           scheduler=scheduler, fraction=fraction, source_prompt="", max_megabytes=max_megabytes,
+                           keep_on_cpu=True, clip=models.clip, **site_inputs)
+    return features
+
+
+def test_recorded_content_features_replay_the_source_branch(sd15, sd15_content, tmp_path):
+    _, start, trajectory = sd15_content
+    live = sample_from(inject(sd15.model, trajectory, clip=sd15.clip), start, *prompts_of(sd15))
+    features = record(sd15, trajectory, fraction=0.6)
+    assert len(features.store) == 2  # t = 751, 501: above t = 0.4 * 999, as StyleInjection's 0.6 acts
+    unet = sd15.model.get_model_object("diffusion_model")
+    batches = []
+    hook = unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        replayed = sample_from(inject(sd15.model, content_features=features), start, *prompts_of(sd15))
+    finally:
+        hook.remove()
+    assert batches == [2] * STEPS  # no source pass: the targets' calls only
+    assert_relative_close(replayed, live, 1e-6)
+
+    path = str(tmp_path / "content.features.safetensors")
+    pack = __import__("conftest").pack_submodule("glue.source_features")
+    pack.save_recorded(features, path)
+    loaded = pack.load_recorded(path)
+    assert loaded.layers == features.layers and loaded.paths == features.paths
+    assert torch.equal(sample_from(inject(sd15.model, content_features=loaded), start, *prompts_of(sd15)), replayed)
+
+
+def test_recorded_features_say_what_they_lack(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    features = record(sd15, trajectory, fraction=0.3)  # t = 751 only
+    with pytest.raises(ValueError, match="content_features: recorded at 3 attention and 1 feature sites, not at output.2.0"):
+        inject(sd15.model, content_features=features, attention_sites="decoder")
+    with pytest.raises(ValueError, match="no features recorded at sigma .*sample with the steps and scheduler"):
+        sample_from(inject(sd15.model, content_features=features, feature_fraction=0.6), start, *prompts_of(sd15))
+    with pytest.raises(ValueError, match="inversion / content_features: connect exactly one"):
+        inject(sd15.model, trajectory, clip=sd15.clip, content_features=features)
+    _, _, large = content(sd15, size=64, steps=2)  # 4 MB a step
+    with pytest.raises(ValueError, match="max_megabytes: 1 MB hold 0 of the schedule's recordings .each about 4.0 MB"):
+        record(sd15, large, steps=2, max_megabytes=1)
+    with pytest.raises(ValueError, match="is not in the inversion's schedule"):
+        record(sd15, trajectory, steps=6)
+
+
+def test_a_finer_inversion_samples_from_its_latent_at_the_schedules_first_sigma():
+    import random_models
+
+    models = tamed(random_models.tiny_sd15(seed=5))
+    latent, _, fine = content(models, steps=20)  # ddim_uniform t = 1, 51, ..., 951 holds 4 steps' 1, 251, 501, 751
+    (start,) = run_node("InversionLatent", inversion=fine, model=models.model, steps=STEPS, scheduler="ddim_uniform")
+    sigma = float(models.model.get_model_object("model_sampling").sigma(torch.tensor(751.0)))
+    scale = models.model.get_model_object("latent_format").scale_factor
+    assert torch.equal(start["samples"], fine.latent_at(sigma) / scale)
+    empty = encode(models.clip, "")
+    reconstruction = sample_from(models.model, start["samples"], empty, empty, cfg=1.0)
+    assert relative_error(reconstruction, latent) < 0.1  # 4 coarse steps back down a 20-step inversion
+    styled = sample_from(inject(models.model, fine, clip=models.clip), start["samples"], *prompts_of(models))
+    assert relative_error(styled, reconstruction) > 1e-3
+    with pytest.raises(ValueError, match="is not in the inversion's schedule"):
+        run_node("InversionLatent", inversion=fine, model=models.model, steps=3, scheduler="ddim_uniform")
