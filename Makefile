@@ -40,6 +40,7 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/run.py
 	$(PY) scripts/hosts.py run bench/fit_lora.py
+	$(PY) scripts/hosts.py run bench/injection.py
 
 clean:
 	rm -rf $(VENV) .comfyui output
