@@ -134,8 +134,12 @@ class MapCapture:
 
     def recording(self, layer: SelfAttentionLayer, attention: AttentionFunction, extra_options: dict,
                   images: slice, first_image: int, key_sources: tuple[str, ...]) -> AttentionFunction:
-        """attention itself, or a recording version of it when this layer and step are captured."""
-        if (layer not in self.layers or extra_options.get(RECORDING_OPTION) is not None
+        """attention itself, or a recording version of it when this layer and step are captured.
+
+        A layer's self- and cross-attention share its name: only the kind the capture is for records
+        (cross-attention attends to the prompt, key_sources ("text",))."""
+        if (layer not in self.layers or (self.recorder.kind == "cross") != (key_sources == ("text",))
+                or extra_options.get(RECORDING_OPTION) is not None
                 or not self.active_range.contains(float(extra_options["sigmas"][0]))):
             return attention
         height, width = extra_options["activations_shape"][-2:]

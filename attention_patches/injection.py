@@ -38,9 +38,10 @@ def blended(target: torch.Tensor, source: torch.Tensor, rate: float) -> torch.Te
 
 @dataclass(frozen=True)
 class QueryKeyInjection:
-    """A StyleMethod: the targets attend with the source's queries and keys blended into theirs."""
+    """A StyleMethod: the targets attend with the source's queries and keys blended into theirs (in
+    cross-attention, key_sources ("text",), the keys are the source prompt's)."""
 
-    key_sources = ("self",)
+    key_sources: tuple[str, ...] = ("self",)
 
     def __call__(self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction,
                  attn_precision=None, timestep: float | None = None) -> torch.Tensor:
@@ -48,6 +49,11 @@ class QueryKeyInjection:
             raise StyleReferenceError(
                 f"the content has {reference.query.shape[1]} tokens at a self-attention layer where the sampled "
                 f"latent has {query.shape[1]}: {SIZE_HINT}"
+            )
+        if reference.key.shape[1:] != key.shape[1:]:
+            raise StyleReferenceError(
+                f"the source prompt has {reference.key.shape[1]} tokens where the sampled prompts have {key.shape[1]}: "
+                "keep the source prompt and the prompts within one 75-token chunk, or turn cross_attention off"
             )
         rate = injection_rate(timestep)
         return attention(blended(query, reference.query, rate), blended(key, reference.key, rate), value, heads,

@@ -40,6 +40,12 @@ class StyledSelfAttention:
     method: StyleMethod
     owner: StyleOwner
     attention: AttentionFunction
+    replaces: str = "attn1"  # or "attn2": the layer's cross-attention (plug-and-play's option)
+
+    @property
+    def site(self) -> tuple:
+        """Where its reference's features are kept: a layer's self- and cross-attention apart."""
+        return self.layer if self.replaces == "attn1" else (*self.layer, "cross")
 
     def __call__(self, query, key, value, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
@@ -48,16 +54,17 @@ class StyledSelfAttention:
         kernel = for_call(self.attention, extra_options)
         call = style_call(extra_options, self.owner)
         if call is None:
-            attention = with_capture(kernel, self.layer, extra_options, ("self",), query.shape[0], cond_or_uncond)
+            plain_keys = ("self",) if self.replaces == "attn1" else ("text",)
+            attention = with_capture(kernel, self.layer, extra_options, plain_keys, query.shape[0], cond_or_uncond)
             return attention(query, key, value, heads, attn_precision=precision)
         store = call.store
         if store is not None:
             if store.recording:
-                store.record(self.layer, ReferenceFeatures(query, key, value))
+                store.record(self.site, ReferenceFeatures(query, key, value))
                 return kernel(query, key, value, heads, attn_precision=precision)
             attention = with_capture(kernel, self.layer, extra_options, self.method.key_sources, query.shape[0],
                                      cond_or_uncond)
-            return self.method(query, key, value, store.get(self.layer), heads, attention, precision, call.timestep)
+            return self.method(query, key, value, store.get(self.site), heads, attention, precision, call.timestep)
 
         outputs = []
         for (ref, targets), kind in zip(in_batch_references(query.shape[0], call.cond_or_uncond), call.cond_or_uncond):

@@ -30,7 +30,7 @@ import nodes  # noqa: E402
 from helpers import run_node  # noqa: E402
 
 SITES = {"attention_sites": "plug_and_play", "custom_attention_sites": "", "feature_sites": "plug_and_play",
-         "custom_feature_sites": ""}
+         "custom_feature_sites": "", "cross_attention": False}
 
 
 def injected(model, source, trajectory=None, features=None, cache_megabytes=0):

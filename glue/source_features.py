@@ -36,10 +36,12 @@ class RecordedSource:
     layers: tuple  # self-attention layers (block, number, index)
     paths: tuple[str, ...]  # residual-branch module paths
     latent_shape: tuple[int, ...]  # (1, C, H, W) of the content
+    cross_layers: tuple = ()  # cross-attention layers
 
-    def missing(self, layers, paths) -> list[str]:
-        return [".".join(map(str, layer)) for layer in layers if tuple(layer) not in self.layers] + [
-            path for path in paths if path not in self.paths]
+    def missing(self, layers, cross_layers, paths) -> list[str]:
+        return ([".".join(map(str, layer)) for layer in layers if tuple(layer) not in self.layers]
+                + [".".join(map(str, layer)) + " (cross)" for layer in cross_layers if tuple(layer) not in self.cross_layers]
+                + [path for path in paths if path not in self.paths])
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ FEATURES_FORMAT_KEY = "content_features"
 
 def save_recorded(recorded: RecordedSource, path: str) -> None:
     meta = {"layers": [list(layer) for layer in recorded.layers], "paths": list(recorded.paths),
-            "latent_shape": list(recorded.latent_shape)}
+            "latent_shape": list(recorded.latent_shape), "cross_layers": [list(layer) for layer in recorded.cross_layers]}
     save_store(recorded.store, path, {FEATURES_FORMAT_KEY: json.dumps(meta)})
 
 
@@ -111,4 +113,4 @@ def load_recorded(path: str, offload_to_cpu: bool = True) -> RecordedSource:
         raise ValueError(f"{path} is a feature store but not a content's features (saved by Save Content Features)")
     meta = json.loads(text)
     return RecordedSource(store, tuple(tuple(layer) for layer in meta["layers"]), tuple(meta["paths"]),
-                          tuple(meta["latent_shape"]))
+                          tuple(meta["latent_shape"]), tuple(tuple(layer) for layer in meta.get("cross_layers", [])))

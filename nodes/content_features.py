@@ -1,8 +1,6 @@
 """A content image's source-branch features recorded once, for Style Injection into many styled runs,
 and kept in a .safetensors file (glue/source_features.py does the recording)."""
 
-import os
-
 import torch
 
 import comfy.samplers
@@ -10,14 +8,14 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..attention_patches.feature_store import FeatureStore
-from ..attention_patches.injection import QueryKeyInjection
 from ..glue.source_features import RecordedSource, load_recorded, record_source, save_recorded
-from .ddim_inversion import saved_files
+from .ddim_inversion import new_output_path, saved_files
 from .io_types import ContentFeatures, Inversion
 from .model_layers import active_sigma_range
 from .reference import conditioning_input
-from .style_inputs import install_styled_self_attention, new_owner
-from .style_injection import check_fraction, install_injected_residuals, resolve_sites, site_inputs, source_of
+from .style_inputs import new_owner
+from .style_injection import (check_fraction, install_injected_residuals, install_injection_sites, resolve_sites,
+                              site_inputs, source_of)
 
 FEATURES_SUFFIX = ".features.safetensors"
 
@@ -56,11 +54,11 @@ class RecordContentFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, steps, scheduler, fraction, attention_sites, custom_attention_sites,
-                feature_sites, custom_feature_sites, source_prompt, max_megabytes, keep_on_cpu, clip=None,
+                feature_sites, custom_feature_sites, cross_attention, source_prompt, max_megabytes, keep_on_cpu, clip=None,
                 conditioning=None) -> io.NodeOutput:
         check_fraction(fraction, "fraction")
-        layers, paths = resolve_sites(model, attention_sites, custom_attention_sites, feature_sites,
-                                      custom_feature_sites)
+        layers, cross_layers, paths = resolve_sites(model, attention_sites, custom_attention_sites, feature_sites,
+                                                    custom_feature_sites, cross_attention)
         source = source_of(model, inversion, clip, source_prompt, conditioning)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)[:-1]
         recorded_range = active_sigma_range(model, 0.0, fraction)
@@ -68,12 +66,12 @@ class RecordContentFeatures(io.ComfyNode):
         store = FeatureStore(max_megabytes * 2**20, torch.device("cpu") if keep_on_cpu else None)
         recording = model.clone()
         owner = new_owner("RecordContentFeatures")
-        if layers:
-            install_styled_self_attention(recording, layers, QueryKeyInjection(), owner)
+        install_injection_sites(recording, layers, cross_layers, owner)
         slot = install_injected_residuals(recording, paths, owner) if paths else None
         if len(sigmas):
             record_source(recording, owner, slot, source, sigmas, store)
-        return io.NodeOutput(RecordedSource(store, tuple(layers), tuple(paths), tuple(inversion.latents.shape[1:])))
+        return io.NodeOutput(RecordedSource(store, tuple(layers), tuple(paths), tuple(inversion.latents.shape[1:]),
+                                            tuple(cross_layers)))
 
 
 class SaveContentFeatures(io.ComfyNode):
@@ -96,8 +94,7 @@ class SaveContentFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, content_features, filename_prefix) -> io.NodeOutput:
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
-        save_recorded(content_features, os.path.join(folder, f"{name}_{counter:05}_{FEATURES_SUFFIX}"))
+        save_recorded(content_features, new_output_path(filename_prefix, FEATURES_SUFFIX))
         return io.NodeOutput()
 
 

@@ -83,10 +83,14 @@ class SaveInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, filename_prefix) -> io.NodeOutput:
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
-        path = os.path.join(folder, f"{name}_{counter:05}_{INVERSION_SUFFIX}")
-        save_trajectory(inversion, path)
+        save_trajectory(inversion, new_output_path(filename_prefix, INVERSION_SUFFIX))
         return io.NodeOutput()
+
+
+def new_output_path(filename_prefix: str, suffix: str) -> str:
+    """output/<prefix>_<next counter>_<suffix>, the way SaveImage numbers its files."""
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
+    return os.path.join(folder, f"{name}_{counter:05}_{suffix}")
 
 
 def saved_files(suffix: str) -> list[str]:

@@ -54,17 +54,21 @@ def site_inputs() -> list:
                        "custom: custom_feature_sites."),
         io.String.Input("custom_feature_sites", default="",
                         tooltip="With feature_sites custom: decoder blocks whose ResBlock is injected, e.g. output.4, output.5"),
+        io.Boolean.Input("cross_attention", default=False,
+                         tooltip="Also blend the source's queries and keys into the cross-attention of the attention "
+                         "sites (named by the paper; commented out in the authors' code)."),
     ]
 
 
 def resolve_sites(model, attention_sites, custom_attention_sites, feature_sites, custom_feature_sites,
-                  with_attention=True, with_features=True) -> tuple[list, list[str]]:
-    """(self-attention layers, residual-branch module paths) on this UNet."""
+                  cross_attention=False, with_attention=True, with_features=True) -> tuple[list, list, list[str]]:
+    """(self-attention layers, cross-attention layers, residual-branch module paths) on this UNet."""
     sites = transformer_sites(model, NODE_ID)
     layers = resolve_attention_sites(sites, attention_sites, custom_attention_sites) if with_attention else []
     blocks = resolve_feature_blocks(sites, len(model.get_model_object("diffusion_model").output_blocks), feature_sites,
                                     custom_feature_sites)
-    return layers, [residual_branch_end(model, block, "feature_sites") for block in blocks] if with_features else []
+    paths = [residual_branch_end(model, block, "feature_sites") for block in blocks] if with_features else []
+    return layers, layers if cross_attention else [], paths
 
 
 def source_of(model, inversion, clip, source_prompt, conditioning, cache_megabytes=0, cache_on_cpu=False):
@@ -117,12 +121,14 @@ class StyleInjection(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, feature_fraction, attention_fraction, attention_sites, custom_attention_sites,
-                feature_sites, custom_feature_sites, source_prompt, cache_megabytes, cache_on_cpu, inversion=None,
+                feature_sites, custom_feature_sites, cross_attention, source_prompt, cache_megabytes, cache_on_cpu,
+                inversion=None,
                 content_features=None, clip=None, conditioning=None) -> io.NodeOutput:
         check_fraction(feature_fraction, "feature_fraction")
         check_fraction(attention_fraction, "attention_fraction")
-        layers, paths = resolve_sites(model, attention_sites, custom_attention_sites, feature_sites,
-                                      custom_feature_sites, attention_fraction > 0, feature_fraction > 0)
+        layers, cross_layers, paths = resolve_sites(model, attention_sites, custom_attention_sites, feature_sites,
+                                                    custom_feature_sites, cross_attention, attention_fraction > 0,
+                                                    feature_fraction > 0)
         if (inversion is None) == (content_features is None):
             raise ValueError("inversion / content_features: connect exactly one: the content's inversion (its source "
                              "runs at each step) or its recorded features")
@@ -130,13 +136,12 @@ class StyleInjection(io.ComfyNode):
         if inversion is not None:
             source = source_of(model, inversion, clip, source_prompt, conditioning, cache_megabytes, cache_on_cpu)
         else:
-            check_recorded(content_features, model, layers, paths)
+            check_recorded(content_features, model, layers, cross_layers, paths)
         patched = model.clone()
         if not layers and not paths:
             return io.NodeOutput(patched)
         owner = new_owner(NODE_ID)
-        if layers:
-            install_styled_self_attention(patched, layers, QueryKeyInjection(), owner)
+        install_injection_sites(patched, layers, cross_layers, owner)
         slot = install_injected_residuals(patched, paths, owner) if paths else None
         install_style_call(patched, owner, source, active_sigma_range(model, 0.0, attention_fraction), slot,
                            slot_range=active_sigma_range(model, 0.0, feature_fraction), with_timestep=True,
@@ -144,11 +149,19 @@ class StyleInjection(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-def check_recorded(recorded: RecordedSource, model, layers, paths) -> None:
-    missing = recorded.missing(layers, paths)
+def install_injection_sites(model, layers, cross_layers, owner: StyleOwner) -> None:
+    if layers:
+        install_styled_self_attention(model, layers, QueryKeyInjection(), owner)
+    if cross_layers:
+        install_styled_self_attention(model, cross_layers, QueryKeyInjection(("text",)), owner, patch="attn2")
+
+
+def check_recorded(recorded: RecordedSource, model, layers, cross_layers, paths) -> None:
+    missing = recorded.missing(layers, cross_layers, paths)
     if missing:
-        raise ValueError(f"content_features: recorded at {len(recorded.layers)} attention and {len(recorded.paths)} "
-                         f"feature sites, not at {', '.join(missing)}; record with the same sites")
+        raise ValueError(f"content_features: recorded at {len(recorded.layers)} attention, {len(recorded.cross_layers)} "
+                         f"cross-attention and {len(recorded.paths)} feature sites, not at {', '.join(missing)}; record "
+                         "with the same sites")
     channels = model.get_model_object("latent_format").latent_channels
     if recorded.latent_shape[1] != channels:
         raise ValueError(f"content_features: recorded from {recorded.latent_shape[1]}-channel latents; this model's "

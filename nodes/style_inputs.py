@@ -76,10 +76,11 @@ def validate_reference(reference: ExternalReference, model: comfy.model_patcher.
 
 
 def check_layers_are_free(model: comfy.model_patcher.ModelPatcher, layers: list[SelfAttentionLayer],
-                          owner: StyleOwner) -> None:
+                          owner: StyleOwner, patch: str = "attn1") -> None:
     """A layer styled by an earlier node of this pack, or replaced by another pack, is refused with
     both named; an attention-map capture placed earlier is taken over (the styled layer records)."""
-    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(patch, {})
+    what = "self-attention" if patch == "attn1" else "cross-attention"
     styled, foreign = {}, {}
     for layer in layers:
         existing = replaced.get(layer)
@@ -92,9 +93,9 @@ def check_layers_are_free(model: comfy.model_patcher.ModelPatcher, layers: list[
             f"layers: {owner} would restyle {', '.join(names)}, which {other} earlier in this chain already "
             f"styles; each layer takes one style node: give the two nodes disjoint layers (layers: custom)"
         )
-    for patch, names in foreign.items():
+    for patch_type, names in foreign.items():
         raise LayerConflictError(
-            f"layers: {', '.join(names)} already have their self-attention replaced by another node ({patch}); "
+            f"layers: {', '.join(names)} already have their {what} replaced by another node ({patch_type}); "
             f"{owner} would overwrite it: choose other layers, or apply {owner} before that node"
         )
 
@@ -104,13 +105,19 @@ def install_styled_self_attention(
     layers: list[SelfAttentionLayer],
     method: StyleMethod,
     owner: StyleOwner,
+    patch: str = "attn1",
 ) -> None:
-    check_layers_are_free(model, layers, owner)
+    """A StyledSelfAttention per layer as its attn1 (or, patch "attn2", cross-attention) replace patch."""
+    check_layers_are_free(model, layers, owner, patch)
     for layer in layers:
         styled = StyledSelfAttention(
             layer=layer,
             method=method,
             owner=owner,
             attention=KernelAttention.of(comfy.ldm.modules.attention.optimized_attention),
+            replaces=patch,
         )
-        model.set_model_attn1_replace(styled, *layer)
+        if patch == "attn1":
+            model.set_model_attn1_replace(styled, *layer)
+        else:
+            model.set_model_attn2_replace(styled, *layer)

@@ -194,3 +194,12 @@ def test_a_layer_replaced_by_another_pack_is_named(sd15):
     foreign.set_model_attn2_replace(lambda q, k, v, extra_options: q, "output", 3, 0)
     with pytest.raises(ValueError, match="output.3.0 already has its attn2 replaced"):
         capture(foreign, attention="cross_attention")
+
+
+def test_cross_attention_maps_of_a_styled_layer_hold_every_step_and_only_cross_attention(sd15):
+    # the styled self-attention of a layer shares the layer's name with its cross-attention
+    captured, maps = capture(vsp(sd15.model), attention="cross_attention", layers="late_self_attention")
+    sample(captured, encode(sd15.clip, "a dog"), encode(sd15.clip, ""), batch=3, steps=3)
+    assert maps.layers
+    for layer_maps in maps.layers.values():
+        assert layer_maps.calls == 3 and layer_maps.key_sources == ("text",) and layer_maps.total.shape[-1] == 77

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import comfy.sample
+import folder_paths
 from helpers import (assert_relative_close, attention_by_hand, encode, invert, record_attention, relative_error,
                      run_node, vsp, with_separate_cond_batches)
 from reference import pnp as reference_pnp
@@ -19,13 +20,13 @@ STEPS = 4
 
 def inject(model, trajectory=None, clip=None, conditioning=None, feature_fraction=0.6, attention_fraction=0.5,
            attention_sites="plug_and_play", custom_attention_sites="", feature_sites="plug_and_play",
-           custom_feature_sites="", cache_megabytes=0, content_features=None):
+           custom_feature_sites="", cache_megabytes=0, content_features=None, cross_attention=False):
     (patched,) = run_node("StyleInjection", model=model, inversion=trajectory, content_features=content_features,
                           clip=clip, source_prompt="",
                           feature_fraction=feature_fraction, attention_fraction=attention_fraction,
                           attention_sites=attention_sites, custom_attention_sites=custom_attention_sites,
                           feature_sites=feature_sites, custom_feature_sites=custom_feature_sites,
-                          cache_megabytes=cache_megabytes, cache_on_cpu=False, conditioning=conditioning)
+                          cross_attention=cross_attention, cache_megabytes=cache_megabytes, cache_on_cpu=False, conditioning=conditioning)
     return patched
 
 
@@ -223,7 +224,7 @@ def test_parity_with_the_authors_injection_on_the_diffusers_twin(architecture):
 
 def record(models, trajectory, steps=STEPS, scheduler="ddim_uniform", fraction=1.0, max_megabytes=64, **sites):
     site_inputs = {"attention_sites": "plug_and_play", "custom_attention_sites": "", "feature_sites": "plug_and_play",
-                   "custom_feature_sites": "", **sites}
+                   "custom_feature_sites": "", "cross_attention": False, **sites}
     (features,) = run_node("RecordContentFeatures", model=models.model, inversion=trajectory, steps=steps,
                            scheduler=scheduler, fraction=fraction, source_prompt="", max_megabytes=max_megabytes,
                            keep_on_cpu=True, clip=models.clip, **site_inputs)
@@ -245,10 +246,10 @@ def test_recorded_content_features_replay_the_source_branch(sd15, sd15_content, 
     assert batches == [2] * STEPS  # no source pass: the targets' calls only
     assert_relative_close(replayed, live, 1e-6)
 
-    path = str(tmp_path / "content.features.safetensors")
-    pack = __import__("conftest").pack_submodule("glue.source_features")
-    pack.save_recorded(features, path)
-    loaded = pack.load_recorded(path)
+    folder_paths.set_output_directory(str(tmp_path))
+    run_node("SaveContentFeatures", content_features=features, filename_prefix="features/girl")
+    assert [p.name for p in (tmp_path / "features").iterdir()] == ["girl_00001_.features.safetensors"]
+    (loaded,) = run_node("LoadContentFeatures", content_features="features/girl_00001_.features.safetensors [output]")
     assert loaded.layers == features.layers and loaded.paths == features.paths
     assert torch.equal(sample_from(inject(sd15.model, content_features=loaded), start, *prompts_of(sd15)), replayed)
 
@@ -256,8 +257,11 @@ def test_recorded_content_features_replay_the_source_branch(sd15, sd15_content, 
 def test_recorded_features_say_what_they_lack(sd15, sd15_content):
     _, start, trajectory = sd15_content
     features = record(sd15, trajectory, fraction=0.3)  # t = 751 only
-    with pytest.raises(ValueError, match="content_features: recorded at 3 attention and 1 feature sites, not at output.2.0"):
+    with pytest.raises(ValueError, match="content_features: recorded at 3 attention, 0 cross-attention and 1 feature "
+                                         "sites, not at output.2.0; record"):
         inject(sd15.model, content_features=features, attention_sites="decoder")
+    with pytest.raises(ValueError, match="not at output.3.0 .cross., output.4.0 .cross."):
+        inject(sd15.model, content_features=features, cross_attention=True)
     with pytest.raises(ValueError, match="no features recorded at sigma .*sample with the steps and scheduler"):
         sample_from(inject(sd15.model, content_features=features, feature_fraction=0.6), start, *prompts_of(sd15))
     with pytest.raises(ValueError, match="inversion / content_features: connect exactly one"):
@@ -285,3 +289,29 @@ def test_a_finer_inversion_samples_from_its_latent_at_the_schedules_first_sigma(
     assert relative_error(styled, reconstruction) > 1e-3
     with pytest.raises(ValueError, match="is not in the inversion's schedule"):
         run_node("InversionLatent", inversion=fine, model=models.model, steps=3, scheduler="ddim_uniform")
+
+
+def test_cross_attention_injection_is_an_option_that_follows_the_same_formula(sd15, sd15_content):
+    _, start, trajectory = sd15_content
+    assert "attn2" not in inject(sd15.model, trajectory, clip=sd15.clip).model_options["transformer_options"][
+        "patches_replace"]
+    injected = inject(sd15.model, trajectory, clip=sd15.clip, attention_fraction=1.0, cross_attention=True)
+    assert sorted(injected.model_options["transformer_options"]["patches_replace"]["attn2"]) == [
+        ("output", 3, 0), ("output", 4, 0), ("output", 5, 0)]
+    heads = sd15.model.get_model_object("diffusion_model").output_blocks[4][1].transformer_blocks[0].attn2.heads
+    model_sampling = sd15.model.get_model_object("model_sampling")
+    with record_attention(sd15.model, ("output", 4, 0), which="attn2") as calls:
+        out = sample_from(injected, start, *prompts_of(sd15))
+    for step in range(STEPS):
+        source, target = calls[2 * step], calls[2 * step + 1]
+        sigma = float(trajectory.sigmas.flip(0)[step])
+        rate = min(1.0, 2 * float(model_sampling.timestep(torch.tensor(sigma))) / 1000)
+        q = rate * source["q"] + (1 - rate) * target["q"]
+        k = rate * source["k"] + (1 - rate) * target["k"]  # the source prompt's keys
+        assert_relative_close(target["out"], attention_by_hand(q, k, target["v"], heads), 1e-5)
+    without = sample_from(inject(sd15.model, trajectory, clip=sd15.clip, attention_fraction=1.0), start, *prompts_of(sd15))
+    assert relative_error(out, without) > 1e-4
+    features = record(sd15, trajectory, cross_attention=True)
+    replayed = sample_from(inject(sd15.model, content_features=features, attention_fraction=1.0, cross_attention=True),
+                           start, *prompts_of(sd15))
+    assert_relative_close(replayed, out, 1e-6)
