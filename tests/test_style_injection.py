@@ -7,7 +7,7 @@ import torch
 import comfy.sample
 import folder_paths
 from helpers import (assert_relative_close, attention_by_hand, encode, invert, record_attention, relative_error,
-                     run_node, vsp, with_separate_cond_batches)
+                     run_node, style_aligned, vsp, with_separate_cond_batches)
 from reference import pnp as reference_pnp
 from reference.attention import PlainProcessor
 from reference.models import twin_models
@@ -62,22 +62,30 @@ def test_sites_resolve_to_the_authors_decoder_layers(sd15, sd15_content):
     assert sd15.model.object_patches == {} and "patches_replace" not in sd15.model.model_options["transformer_options"]
 
 
-def test_injected_queries_keys_and_residual_follow_the_formula(sd15, sd15_content):
+@pytest.mark.parametrize("chain", ["alone", "style_aligned_after", "style_aligned_before"])
+def test_injected_queries_keys_and_residual_follow_the_formula(sd15, sd15_content, chain):
+    """Chained with StyleAligned (in-batch, shared GroupNorm, on the encoder) in either order, too."""
     _, start, trajectory = sd15_content
-    injected = inject(sd15.model, trajectory, clip=sd15.clip, feature_fraction=1.0, attention_fraction=1.0)
+    aligned = {"layers": "custom", "custom_layers": "input.1, input.3", "shared_group_norm": "on"}
+    base = style_aligned(sd15.model, **aligned) if chain == "style_aligned_before" else sd15.model
+    injected = inject(base, trajectory, clip=sd15.clip, feature_fraction=1.0, attention_fraction=1.0)
+    if chain == "style_aligned_after":
+        injected = style_aligned(injected, **aligned)
+    batch = 1 if chain == "alone" else 2
     unet = sd15.model.get_model_object("diffusion_model")
     resblock = unet.output_blocks[3][0]
-    branch_end, seen = resblock.out_layers[3], []
+    # the original layer: a previous run's object patches may still stand in the UNet
+    branch_end, seen = sd15.model.get_model_object("diffusion_model.output_blocks.3.0.out_layers.3"), []
     hooks = [branch_end.register_forward_hook(lambda m, i, o: seen.append({"h": o.detach().clone()})),
              resblock.register_forward_hook(lambda m, i, o: seen[-1].update(x=i[0].detach().clone(), out=o.detach().clone()))]
     model_sampling = sd15.model.get_model_object("model_sampling")
     try:
         with record_attention(sd15.model, ("output", 4, 0)) as calls:
-            sample_from(injected, start, *prompts_of(sd15))
+            sample_from(injected, start, *prompts_of(sd15), batch=batch)
     finally:
         for hook in hooks:
             hook.remove()
-    assert [call["q"].shape[0] for call in calls] == [1, 2] * STEPS  # the source alone, then cond + uncond
+    assert [call["q"].shape[0] for call in calls] == [1, 2 * batch] * STEPS  # the source alone, then cond + uncond
     heads = unet.output_blocks[4][1].transformer_blocks[0].attn1.heads
     rates = []
     for step in range(STEPS):
