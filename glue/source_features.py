@@ -15,11 +15,11 @@ from safetensors import safe_open
 import comfy.patcher_extension
 
 from ..attention_patches.feature_store import FeatureStore, load_store, save_store, tensor_bytes
-from ..attention_patches.reference import ReferenceFeatureStore
 from ..attention_patches.shared_norm import ModelCallSlot
-from ..attention_patches.style_call import CALLS_OPTION, RECORDING_OPTION, StyleCall, StyleOwner
+from ..attention_patches.style_call import StyleOwner
 from .guided_loop import run_guided_loop
 from .references import InversionReference
+from .style_call import recording_pass
 
 RECORDER_KEY = "style_attention_nodes.source_recorder"
 
@@ -53,16 +53,8 @@ class RecordingWrapper:
     store: FeatureStore
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        features = ReferenceFeatureStore()
-        call = StyleCall((0,), features, None)
-        options = {**transformer_options, RECORDING_OPTION: self.owner, CALLS_OPTION: {self.owner: call}}
-        if self.slot is not None:
-            self.slot.current = call
-        try:
-            out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-        finally:
-            if self.slot is not None:
-                self.slot.current = None
+        out, features = recording_pass(executor, self.owner, self.slot, None, x, t, c_concat, c_crossattn, control,
+                                       transformer_options, **kwargs)
         sigma = float(t[0])
         if not self.store.put(sigma, features.features):
             raise FeatureBudgetError(

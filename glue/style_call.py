@@ -82,28 +82,39 @@ class StyleCallWrapper:
                 return ReferenceFeatureStore(recording=False, features=cached)
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
         inputs = self.reference.model_inputs(base_model, reference_x)
-        store = ReferenceFeatureStore()
-        call = StyleCall((0,), store, self._timestep(executor, sigma, sigma_value))
-        options = {**transformer_options, RECORDING_OPTION: self.owner, CALLS_OPTION: {self.owner: call},
-                   "cond_or_uncond": [0], "sigmas": sigma}
+        options = {**transformer_options, "cond_or_uncond": [0], "sigmas": sigma}
         # shared norms of other nodes, filled by wrappers outside this one, are off during the pass
         others = transformer_options.get(NORM_SLOTS_OPTION, ())
         saved = [slot.current for slot in others]
         for slot in others:
             slot.current = None
-        if self.norm_call is not None:
-            self.norm_call.current = call
         try:
-            executor(reference_x, sigma, inputs.pop("c_concat", None), inputs.pop("c_crossattn", None), None, options,
-                     **inputs)
+            _, store = recording_pass(executor, self.owner, self.norm_call, self._timestep(executor, sigma, sigma_value),
+                                      reference_x, sigma, inputs.pop("c_concat", None), inputs.pop("c_crossattn", None),
+                                      None, options, **inputs)
         finally:
             for slot, current in zip(others, saved):
                 slot.current = current
-            if self.norm_call is not None:
-                self.norm_call.current = None
         if self.cache is not None:
             self.cache.put(sigma_value, store.features, tag=weights)
         return store.replay()
+
+
+def recording_pass(executor, owner: StyleOwner, slot: ModelCallSlot | None, timestep: float | None, x, t, c_concat,
+                   c_crossattn, control, transformer_options: dict, **kwargs):
+    """One model call in which owner's layers (and the modules behind slot) record what they see and
+    every other style of this pack is off: (the call's output, its ReferenceFeatureStore)."""
+    store = ReferenceFeatureStore()
+    call = StyleCall((0,), store, timestep)
+    options = {**transformer_options, RECORDING_OPTION: owner, CALLS_OPTION: {owner: call}}
+    if slot is not None:
+        slot.current = call
+    try:
+        out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    finally:
+        if slot is not None:
+            slot.current = None
+    return out, store
 
 
 def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner, reference: ExternalReference | None,
