@@ -62,24 +62,36 @@ class QueryKeyInjection:
 
 class InjectedResidual(torch.nn.Module):
     """Stands in for the last layer of a ResBlock's residual branch (a ModelPatcher object patch): its
-    output, the branch's, is recorded during the source's pass and replaced by the source's after."""
+    output, the branch's, is recorded during the source's pass and replaced by the source's after.
 
-    def __init__(self, layer: torch.nn.Module, name: str, call: ModelCallSlot, owner: StyleOwner):
+    Several nodes' injections at one layer (the branches of a masked style blend) share one stand-in,
+    each with its own slot: only the node whose call is running fills its slot."""
+
+    def __init__(self, layer: torch.nn.Module, name: str, call: ModelCallSlot, owner: StyleOwner,
+                 more: tuple[tuple[ModelCallSlot, StyleOwner], ...] = ()):
         super().__init__()
         self.layer = layer
         self.name = name
-        self.call = call
+        self.taps = ((call, owner), *more)
         self.owner = owner  # the node that installed it, named in errors
+
+    def merged_with(self, other: "InjectedResidual") -> "InjectedResidual":
+        """One stand-in serving both nodes' injections at this layer."""
+        if other.layer is not self.layer:
+            raise ValueError(f"two injections at {self.name} stand in for different layers")
+        (call, owner), *more = self.taps
+        return InjectedResidual(self.layer, self.name, call, owner, (*more, *other.taps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer(x)
-        call = self.call.current
-        if call is None or call.store is None:
+        calls = [tap.current for tap, _ in self.taps if tap.current is not None]
+        if not calls or calls[0].store is None:
             return out
-        if call.store.recording:
-            call.store.record(self.name, out)
+        store = calls[0].store
+        if store.recording:
+            store.record(self.name, out)
             return out
-        source = call.store.get(self.name)
+        source = store.get(self.name)
         if source.shape[1:] != out.shape[1:]:
             raise StyleReferenceError(
                 f"the content's features at {self.name} are {tuple(source.shape[2:])} where the sampled latent's "

@@ -5,6 +5,7 @@ from .batch_prompts import ReferenceTargetPrompts
 from .content_features import LoadContentFeatures, RecordContentFeatures, SaveContentFeatures
 from .ddim_inversion import DDIMInversion, InversionLatent, LoadInversion, SaveInversion
 from .fit_style_lora import FitStyleLoRA
+from .masked_style_blend import MaskedStyleBlend
 from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
 from .style_injection import StyleInjection
@@ -27,4 +28,5 @@ NODES = [
     RecordContentFeatures,
     SaveContentFeatures,
     LoadContentFeatures,
+    MaskedStyleBlend,
 ]

@@ -31,6 +31,7 @@ PAPERS = {
     "fit_style_lora": "DiffStyler: Diffusion-based Localized Image Style Transfer (Li 2024), part 1: a style LoRA fitted on one image",
     "style_injection": "DiffStyler (Li 2024), part 2: the content injected plug-and-play (Tumanyan et al. 2023)",
     "content_features": "DiffStyler (Li 2024), part 2: the content's source branch recorded once for many styles",
+    "masked_style_blend": "DiffStyler (Li 2024), part 3: mask-wise style transfer, several styles in one image (eq. 7)",
 }
 
 CAPTIONS = {

@@ -1,0 +1,99 @@
+"""Builds a masked style blend: one MODEL (a clone of the base) whose every model call runs the base
+and each styled branch on the same latent and fuses their predictions by mask.
+
+The branches are the base's UNet with other patches. What a branch adds is carried into the blend:
+- weight patches (its LoRA): low-rank deltas active during its call only (branch_weights.py);
+- transformer_options (attention patches, apply_model wrappers, this pack's styles): its own per call;
+- object patches: this pack's slot-driven stand-ins (content injection) are merged with the base's
+  and the other branches' at the same layer; each acts only while its own node's call runs.
+The base's and branches' sampler-level options (CFG functions, the model function wrapper) are the
+blend's own, i.e. the base's: CFG is applied once, to the fused prediction.
+"""
+
+import comfy.patcher_extension
+
+from ..attention_patches.injection import InjectedResidual
+from .branch_weights import BranchWeightError, weight_deltas, with_deltas
+from .masked_calls import ActiveBranch, Branch, MaskedBlendWrapper
+
+APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+WRAPPER_KEY = "style_attention_nodes.masked_style_blend"
+
+
+class BlendError(ValueError):
+    pass
+
+
+def own_transformer_options(model) -> dict:
+    """The transformer_options a model's calls start from: its model_options' and its ModelPatcher
+    wrappers and callbacks (as ComfyUI merges them when sampling)."""
+    options = dict(model.model_options.get("transformer_options", {}))
+    for name in ("wrappers", "callbacks"):
+        merged = {kind: {key: list(items) for key, items in by_key.items()}
+                  for kind, by_key in options.get(name, {}).items()}
+        for kind, by_key in getattr(model, name).items():
+            for key, items in by_key.items():
+                merged.setdefault(kind, {}).setdefault(key, []).extend(items)
+        options[name] = merged
+    return options
+
+
+def merge_object_patches(blended, branch, base, name: str) -> None:
+    for path, patch in branch.object_patches.items():
+        if patch is base.object_patches.get(path):
+            continue
+        current = blended.object_patches.get(path)
+        if current is patch:
+            continue
+        if current is None:
+            blended.add_object_patch(path, patch)
+        elif isinstance(current, InjectedResidual) and isinstance(patch, InjectedResidual):
+            blended.add_object_patch(path, current.merged_with(patch))
+        else:
+            raise BlendError(
+                f"{name}: its model replaces {path} ({type(patch).__name__}) where the base or another branch "
+                f"replaces it too ({type(current).__name__}); only this pack's content injections share a layer")
+
+
+def masked_style_blend(base, branches: list[tuple[str, str, object, object, str]]):
+    """base MODEL and (model input, mask input, styled MODEL, MASK, edge rule) per branch -> the blend."""
+    if not branches:
+        raise BlendError("connect at least one styled model and its mask")
+    for name, _, model, _, _ in branches:
+        if not model.is_clone(base):
+            raise BlendError(
+                f"{name}: this model is not the base model's UNet (another checkpoint, or loaded separately); "
+                "a branch is the base MODEL with a LoRA or style nodes after it, so that one copy of the UNet serves all")
+    blended = base.clone()
+    for key in list(blended.wrappers.get(APPLY_MODEL, {})):
+        blended.remove_wrappers_with_key(APPLY_MODEL, key)
+    topts = blended.model_options.setdefault("transformer_options", {})
+    if APPLY_MODEL in topts.get("wrappers", {}):
+        topts["wrappers"] = {kind: by_key for kind, by_key in topts["wrappers"].items() if kind != APPLY_MODEL}
+    active = ActiveBranch()
+    per_layer: dict[str, dict[int, list]] = {}
+    for index, (name, _, model, _, _) in enumerate(branches):
+        merge_object_patches(blended, model, base, name)
+        try:
+            deltas = weight_deltas(base, model)
+        except BranchWeightError as error:
+            raise BlendError(f"{name}: {error}") from None
+        for path, terms in deltas.items():
+            per_layer.setdefault(path, {})[index] = terms
+    for path, deltas in per_layer.items():
+        if path in blended.object_patches:
+            raise BlendError(f"a branch's LoRA patches {path}, which {type(blended.object_patches[path]).__name__} "
+                             "already replaces")
+        try:
+            blended.add_object_patch(path, with_deltas(blended.get_model_object(path), deltas, active, path))
+        except BranchWeightError as error:
+            raise BlendError(str(error)) from None
+    wrapper = MaskedBlendWrapper(
+        base_options=own_transformer_options(base),
+        static_keys=frozenset(topts) | {"wrappers", "callbacks"},
+        branches=tuple(Branch(mask_name, own_transformer_options(model), mask, edges)
+                       for _, mask_name, model, mask, edges in branches),
+        active=active,
+    )
+    blended.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, wrapper)
+    return blended
