@@ -4,6 +4,7 @@ from .attention_maps import AttentionMapHeatmap, CaptureAttentionMaps
 from .batch_prompts import ReferenceTargetPrompts
 from .content_features import LoadContentFeatures, RecordContentFeatures, SaveContentFeatures
 from .ddim_inversion import DDIMInversion, InversionLatent, LoadInversion, SaveInversion
+from .fastsam import FastSAMLoader, FastSAMSegment
 from .fit_style_lora import FitStyleLoRA
 from .masked_style_blend import MaskedStyleBlend
 from .reference import StyleReferenceInversion, StyleReferenceLatent
@@ -28,5 +29,7 @@ NODES = [
     RecordContentFeatures,
     SaveContentFeatures,
     LoadContentFeatures,
+    FastSAMLoader,
+    FastSAMSegment,
     MaskedStyleBlend,
 ]

@@ -6,3 +6,4 @@ StyleReference = io.Custom("STYLE_REFERENCE")  # glue.references.ExternalReferen
 Inversion = io.Custom("INVERSION")  # inversion.ddim.InversionTrajectory
 AttentionMaps = io.Custom("ATTENTION_MAPS")  # attention_patches.attention_maps.AttentionMapRecorder
 ContentFeatures = io.Custom("CONTENT_FEATURES")  # glue.source_features.RecordedSource
+FastSAM = io.Custom("FASTSAM")  # mask.fastsam.FastSAMModel

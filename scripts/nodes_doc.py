@@ -31,6 +31,7 @@ PAPERS = {
     "fit_style_lora": "DiffStyler: Diffusion-based Localized Image Style Transfer (Li 2024), part 1: a style LoRA fitted on one image",
     "style_injection": "DiffStyler (Li 2024), part 2: the content injected plug-and-play (Tumanyan et al. 2023)",
     "content_features": "DiffStyler (Li 2024), part 2: the content's source branch recorded once for many styles",
+    "fastsam": "DiffStyler (Li 2024), part 3: FastSAM masks (Zhao et al. 2023) chosen by box, point, number or word",
     "masked_style_blend": "DiffStyler (Li 2024), part 3: mask-wise style transfer, several styles in one image (eq. 7)",
 }
 
@@ -53,6 +54,8 @@ def load_pack():
     pack = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)
+    folder_paths.folder_names_and_paths["fastsam"] = ([empty], {".pt"})  # the loader's list: no file here either
+    folder_paths.filename_list_cache.clear()
     return pack
 
 
