@@ -55,11 +55,12 @@ def merge_object_patches(blended, branch, base, name: str) -> None:
                 f"replaces it too ({type(current).__name__}); only this pack's content injections share a layer")
 
 
-def masked_style_blend(base, branches: list[tuple[str, str, object, object, str]]):
-    """base MODEL and (model input, mask input, styled MODEL, MASK, edge rule) per branch -> the blend."""
+def masked_style_blend(base, branches: list[tuple[str, str, object, object, str, object]]):
+    """base MODEL and (model input, mask input, styled MODEL, MASK, edge rule, its own prompt's
+    embedding or None) per branch -> the blend."""
     if not branches:
         raise BlendError("connect at least one styled model and its mask")
-    for name, _, model, _, _ in branches:
+    for name, _, model, _, _, _ in branches:
         if not model.is_clone(base):
             raise BlendError(
                 f"{name}: this model is not the base model's UNet (another checkpoint, or loaded separately); "
@@ -72,7 +73,7 @@ def masked_style_blend(base, branches: list[tuple[str, str, object, object, str]
         topts["wrappers"] = {kind: by_key for kind, by_key in topts["wrappers"].items() if kind != APPLY_MODEL}
     active = ActiveBranch()
     per_layer: dict[str, dict[int, list]] = {}
-    for index, (name, _, model, _, _) in enumerate(branches):
+    for index, (name, _, model, _, _, _) in enumerate(branches):
         merge_object_patches(blended, model, base, name)
         try:
             deltas = weight_deltas(base, model)
@@ -91,8 +92,8 @@ def masked_style_blend(base, branches: list[tuple[str, str, object, object, str]
     wrapper = MaskedBlendWrapper(
         base_options=own_transformer_options(base),
         static_keys=frozenset(topts) | {"wrappers", "callbacks"},
-        branches=tuple(Branch(mask_name, own_transformer_options(model), mask, edges)
-                       for _, mask_name, model, mask, edges in branches),
+        branches=tuple(Branch(mask_name, own_transformer_options(model), mask, edges, prompt)
+                       for _, mask_name, model, mask, edges, prompt in branches),
         active=active,
     )
     blended.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, wrapper)

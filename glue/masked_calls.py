@@ -3,6 +3,7 @@ latent, each with its own transformer_options (its attention patches, its apply_
 this pack's style calls) and its own weights (glue/branch_weights.py); the predictions are fused
 by the branches' masks (mask/fusion.py). n branches cost n + 1 model evaluations per step."""
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ class Branch:
     options: dict  # the branch's own transformer_options (with its wrappers and callbacks)
     mask: torch.Tensor  # MASK (batch, H, W) of the image's size
     edges: str
+    prompt: torch.Tensor | None = None  # its own positive prompt's embedding (1, tokens, channels), if any
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class MaskedBlendWrapper:
         for index, branch in enumerate(self.branches):
             self.active.current = index
             try:
-                out = model.apply_model(x, t, c_concat, c_crossattn, control, {**per_call, **branch.options}, **kwargs)
+                text = with_prompt(c_crossattn, branch.prompt, transformer_options.get("cond_or_uncond", [0]))
+                out = model.apply_model(x, t, c_concat, text, control, {**per_call, **branch.options}, **kwargs)
             finally:
                 self.active.current = None
             predictions.append((out, self._mask(index, branch, x, chunks)))
@@ -61,3 +64,22 @@ class MaskedBlendWrapper:
             except MaskSizeError as error:
                 raise MaskSizeError(f"{branch.name} {error}") from None
         return self._masks[key]
+
+
+def with_prompt(c_crossattn: torch.Tensor | None, prompt: torch.Tensor | None, cond_or_uncond: list[int]):
+    """The call's text embeddings with every cond chunk's replaced by the branch's own prompt (the
+    uncond chunks keep theirs). Prompts of different lengths are repeated to a common length, as
+    ComfyUI batches them (attention over a key sequence repeated k times is the same attention)."""
+    if prompt is None or c_crossattn is None:
+        return c_crossattn
+    prompt = prompt.to(c_crossattn)
+    tokens, own = c_crossattn.shape[1], prompt.shape[1]
+    if tokens != own:
+        common = math.lcm(tokens, own)
+        c_crossattn, prompt = c_crossattn.repeat(1, common // tokens, 1), prompt.repeat(1, common // own, 1)
+    rows = c_crossattn.shape[0] // len(cond_or_uncond)
+    out = c_crossattn.clone()
+    for chunk, kind in enumerate(cond_or_uncond):
+        if kind == 0:
+            out[chunk * rows:(chunk + 1) * rows] = prompt
+    return out

@@ -18,6 +18,10 @@ def branch_inputs(index: int) -> list:
         io.Mask.Input(f"mask_{index}", optional=optional,
                       tooltip="Where this style applies, at the encoded image's size (FastSAM Segment or any MASK; "
                       "one mask or one per latent); later masks win where they overlap; soft masks blend."),
+        io.Conditioning.Input(f"positive_{index}", optional=True,
+                              tooltip="This style's own prompt in its region (the authors give each LoRA the prompt "
+                              "it was fitted with); not connected: the sampler's positive. Replaces the text "
+                              "embedding only (SDXL keeps the sampler's pooled prompt)."),
     ]
 
 
@@ -53,6 +57,19 @@ class MaskedStyleBlend(io.ComfyNode):
             if (styled is None) != (mask is None):
                 missing = f"mask_{index}" if mask is None else f"styled_model_{index}"
                 raise ValueError(f"{missing}: connect it too, or disconnect its pair: each styled model needs its mask")
+            positive = pairs.get(f"positive_{index}")
+            if positive is not None and styled is None:
+                raise ValueError(f"positive_{index}: connect styled_model_{index} and mask_{index} too, or disconnect it")
             if styled is not None:
-                branches.append((f"styled_model_{index}", f"mask_{index}", styled, mask, mask_edges))
+                prompt = prompt_embedding(positive, f"positive_{index}")
+                branches.append((f"styled_model_{index}", f"mask_{index}", styled, mask, mask_edges, prompt))
         return io.NodeOutput(masked_style_blend(model, branches))
+
+
+def prompt_embedding(conditioning, name: str):
+    if conditioning is None:
+        return None
+    if len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
+        raise ValueError(f"{name}: give one prompt (one CLIP Text Encode), not {len(conditioning)} conditionings "
+                         "or a batch")
+    return conditioning[0][0]

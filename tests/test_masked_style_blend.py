@@ -123,6 +123,20 @@ def test_soft_masks_composite_in_order_and_the_last_wins_where_hard_masks_overla
     assert relative_error(both, expected) < 1e-5
 
 
+@pytest.mark.parametrize("own_prompt", ["a watercolour of a fox", ", ".join(["an oil painting"] * 30)])
+def test_a_branch_with_its_own_prompt_runs_as_if_sampled_with_it(sd15, lora_branch, own_prompt):
+    """The authors give each LoRA its fitted prompt; a prompt past 77 tokens is repeated to a common
+    length with the others, as ComfyUI batches prompts."""
+    positive, negative = prompts(sd15)
+    own = encode(sd15.clip, own_prompt)
+    everywhere = torch.ones(1, SIZE * 8, SIZE * 8)
+    (blended,) = run_node("MaskedStyleBlend", model=sd15.model, mask_edges="coverage", styled_model_1=lora_branch,
+                          mask_1=everywhere, positive_1=own)
+    result = run(blended, positive, negative)
+    assert relative_error(result, run(lora_branch, own, negative)) < 1e-5
+    assert relative_error(result, run(lora_branch, positive, negative)) > 1e-3
+
+
 def test_the_authors_edge_rule_keeps_every_touched_latent_pixel(sd15, lora_branch):
     positive, negative = prompts(sd15)
     sliver = torch.zeros(1, SIZE * 8, SIZE * 8)
@@ -196,6 +210,9 @@ def test_bad_inputs_are_named(sd15, sdxl, lora_branch):
     with pytest.raises(ValueError, match="mask_2: connect it too"):
         run_node("MaskedStyleBlend", model=sd15.model, mask_edges="coverage", styled_model_1=lora_branch, mask_1=mask,
                  styled_model_2=lora_branch)
+    with pytest.raises(ValueError, match="positive_2: connect styled_model_2 and mask_2 too"):
+        run_node("MaskedStyleBlend", model=sd15.model, mask_edges="coverage", styled_model_1=lora_branch, mask_1=mask,
+                 positive_2=positive)
     with pytest.raises(ValueError, match="at least one styled model"):
         run_node("MaskedStyleBlend", model=sd15.model, mask_edges="coverage")
     with pytest.raises(ValueError, match=r"mask_1 is 40x64 pixels; the latent is 8x8"):
