@@ -76,14 +76,19 @@ def load_fastsam(path: str, name: str) -> FastSAMModel:
 def random_fastsam_checkpoint(path: str, scale: str = "s", seed: int = 0) -> None:
     """A FastSAM-architecture checkpoint with random weights (YOLOv8-seg, one class, built from
     ultralytics' own yaml), saved the way ultralytics saves trained models: for tests and demos.
-    Its masks are arbitrary; every box scores about 0.5, so each image gets segments."""
+    Its boxes are arbitrary and each mask fills its box (every box scores about 0.5), so every
+    image gets many segments."""
     _ultralytics()
     from ultralytics.nn.tasks import SegmentationModel
 
     torch.manual_seed(seed)
     network = SegmentationModel(f"yolov8{scale}-seg.yaml", nc=1, verbose=False)
-    for branch in network.model[-1].cv3:  # class logits at 0 (not YOLO's rare-object prior): segments appear
+    head = network.model[-1]
+    for branch in head.cv3:  # class logits at 0 (not YOLO's rare-object prior): segments appear
         torch.nn.init.zeros_(branch[-1].bias)
+    torch.nn.init.constant_(head.proto.cv3.bn.bias, 5.0)  # positive prototypes and coefficients:
+    for branch in head.cv4:  # each mask fills its box, so boxes and points find segments
+        torch.nn.init.constant_(branch[-1].bias, 1.0)
     network.names = {0: "object"}
     checkpoint = {"model": network.half(), "train_args": {"task": "segment", "imgsz": 1024}, "epoch": -1,
                   "date": "random weights", "version": ULTRALYTICS_PIN.split("==")[1]}

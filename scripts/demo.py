@@ -23,6 +23,7 @@ from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
 OUTPUT_DIR = REPO / "output"
 RANDOM_CHECKPOINT = REPO / ".comfyui" / "RANDOM-WEIGHTS-NOT-A-MODEL-sd15.safetensors"
+RANDOM_FASTSAM = "RANDOM-WEIGHTS-NOT-A-MODEL-FastSAM-s.pt"  # copied into models/fastsam when no FastSAM is there
 # Every example workflow for SD1.5: the SDXL ones need an SDXL checkpoint (run them from the frontend).
 ALL_WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json") if "sdxl" not in path.stem)
 DEFAULT_WORKFLOWS = ["visual_style_prompting_in_batch.json", "style_aligned_prompts_sd15.json",
@@ -56,6 +57,32 @@ def link_into_checkpoints(checkpoint: Path) -> str:
     return checkpoint.name
 
 
+def fastsam_model(name: str) -> str:
+    """The workflow's FastSAM file if models/fastsam has it, else a random-weight one (copied there: the
+    loader refuses links out of its folder)."""
+    folder = COMFYUI_DIR / "models" / "fastsam"
+    if (folder / name).is_file():
+        return name
+    if not (folder / RANDOM_FASTSAM).is_file():
+        print(f"NOTE: no {name} in {folder}: a random-weight FastSAM stands in (its masks are boxes)", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        code = (
+            "import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('fastsam', sys.argv[1])\n"
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+            "module.random_fastsam_checkpoint(sys.argv[2], scale='n')\n"
+        )
+        subprocess.run([sys.executable, "-c", code, str(REPO / "mask" / "fastsam.py"), str(folder / RANDOM_FASTSAM)],
+                       check=True)
+    return RANDOM_FASTSAM
+
+
+def resized_coordinates(coordinates: str, scale: tuple[float, float]) -> str:
+    """x, y, ... per line, for an image resized by (x, y) scale."""
+    lines = [[float(v) for v in line.replace(",", " ").split()] for line in coordinates.splitlines() if line.strip()]
+    return "\n".join(", ".join(f"{v * scale[i % 2]:.1f}" for i, v in enumerate(line)) for line in lines)
+
+
 def small_copy_of_input(name: str, side: int) -> str:
     from PIL import Image
 
@@ -70,12 +97,25 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
     schemas = request(base, "/object_info")
     workflow = json.loads((REPO / "example_workflows" / name).read_text())
     prompt = ui_to_api(workflow, lambda class_type: schema_inputs(schemas[class_type]["input"]))
+    if random_weights:  # FastSAM's pixel prompts follow their image to its small copy
+        from PIL import Image
+
+        for node in prompt.values():
+            if node["class_type"] == "FastSAMSegment" and prompt[node["inputs"]["image"][0]]["class_type"] == "LoadImage":
+                source = prompt[node["inputs"]["image"][0]]["inputs"]["image"]
+                width, height = Image.open(COMFYUI_DIR / "input" / source).size
+                for key in ("boxes", "points", "negative_points"):
+                    node["inputs"][key] = resized_coordinates(node["inputs"][key], (RANDOM_WEIGHTS_SIDE / width,
+                                                                                    RANDOM_WEIGHTS_SIDE / height))
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = checkpoint_name
         elif random_weights and node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=RANDOM_WEIGHTS_SIDE, height=RANDOM_WEIGHTS_SIDE)
-        elif random_weights and node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion"):
+        elif node["class_type"] == "FastSAMLoader":
+            node["inputs"]["model_name"] = fastsam_model(node["inputs"]["model_name"])
+        elif random_weights and node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion",
+                                                       "RecordContentFeatures"):
             node["inputs"]["steps"] = RANDOM_WEIGHTS_STEPS
         elif random_weights and node["class_type"] == "FitStyleLoRA":
             node["inputs"].update(steps=RANDOM_WEIGHTS_STEPS, resolution=RANDOM_WEIGHTS_SIDE)

@@ -30,10 +30,15 @@ def open_frontend(context, base: str):
     return page, errors
 
 
+DIALOGS = ".p-dialog, [role=dialog]"
+
+
 def close_dialogs(page) -> None:
-    """Newer frontends greet a new user with the template browser over the canvas: Escape closes it."""
-    for _ in range(3):
-        if not page.locator(".p-dialog").count():
+    """Newer frontends greet a new user with the template browser over the canvas (sometimes seconds
+    late): Escape closes it."""
+    page.wait_for_timeout(1000)
+    for _ in range(6):
+        if not page.locator(DIALOGS).count():
             return
         page.keyboard.press("Escape")
         page.wait_for_timeout(500)

@@ -197,8 +197,23 @@ def loras_folder(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.fixture(scope="session")
+def random_fastsam(tmp_path_factory):
+    """models/fastsam/FastSAM-s.pt with random weights (the smallest YOLOv8-seg scale, for speed)."""
+    folder = tmp_path_factory.mktemp("fastsam")
+    pack_submodule("mask.fastsam").random_fastsam_checkpoint(str(folder / "FastSAM-s.pt"), scale="n")
+    return folder
+
+
 @pytest.fixture
-def engine(tmp_path, sd15, sdxl, loras_folder):
+def fastsam_models(random_fastsam, monkeypatch):
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "fastsam", ([str(random_fastsam)], {".pt"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return random_fastsam
+
+
+@pytest.fixture
+def engine(tmp_path, sd15, sdxl, loras_folder, fastsam_models):
     RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl}
     folder_paths.set_output_directory(str(tmp_path))
     return Engine(tmp_path)

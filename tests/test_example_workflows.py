@@ -5,12 +5,15 @@ import json
 
 import numpy as np
 import pytest
+
+import folder_paths
 from PIL import Image
 
 from conftest import REPO, Engine, load_workflow_as_api
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA", "StyleInjection"}
+STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA", "StyleInjection", "MaskedStyleBlend"}
+TEST_SIDE = 64  # LoadImage's images are scaled (center crop) to this side
 
 
 def test_every_workflow_has_a_thumbnail():
@@ -22,6 +25,14 @@ def test_every_workflow_has_a_thumbnail():
 def for_test_models(prompt: dict, architecture: str) -> dict:
     """Swap the checkpoint for the tiny random models and shrink images and steps; nothing else changes."""
     prompt = copy.deepcopy(prompt)
+    for node in prompt.values():  # prompts in the image's pixels follow the image to its test size
+        if node["class_type"] == "FastSAMSegment":
+            source = prompt[node["inputs"]["image"][0]]
+            assert source["class_type"] == "LoadImage", "a FastSAM image straight from Load Image"
+            width, height = Image.open(folder_paths.get_annotated_filepath(source["inputs"]["image"])).size
+            for name in ("boxes", "points", "negative_points"):
+                node["inputs"][name] = at_test_size(node["inputs"][name], width, height)
+            node["inputs"].update(imgsz=160, conf=0.01)
     for node_id in [node_id for node_id, node in prompt.items() if node["class_type"] == "LoadImage"]:
         scaled_id = f"{node_id}_scaled"
         for node in prompt.values():
@@ -29,17 +40,25 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
                 if value == [node_id, 0]:
                     node["inputs"][name] = [scaled_id, 0]
         prompt[scaled_id] = {"class_type": "ImageScale", "inputs": {
-            "image": [node_id, 0], "upscale_method": "area", "width": 64, "height": 64, "crop": "center"}}
+            "image": [node_id, 0], "upscale_method": "area", "width": TEST_SIDE, "height": TEST_SIDE, "crop": "center"}}
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
         elif node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=64, height=64)
-        elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion"):
+        elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion", "RecordContentFeatures"):
             node["inputs"]["steps"] = 3
         elif node["class_type"] == "FitStyleLoRA":  # a few steps on the 64x64 image, large enough to show
             node["inputs"].update(steps=3, resolution=0, learning_rate=1e-2)
     return prompt
+
+
+def at_test_size(coordinates: str, width: int, height: int) -> str:
+    """Pixel coordinates (x, y, ... per line) after ImageScale's centre crop to a square and resize."""
+    side = min(width, height)
+    offsets, scale = ((width - side) / 2, (height - side) / 2), TEST_SIDE / side
+    lines = [[float(v) for v in line.replace(",", " ").split()] for line in coordinates.splitlines() if line.strip()]
+    return "\n".join(", ".join(f"{(v - offsets[i % 2]) * scale:.1f}" for i, v in enumerate(line)) for line in lines)
 
 
 def without_style(prompt: dict) -> dict:
