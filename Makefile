@@ -41,6 +41,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/run.py
 	$(PY) scripts/hosts.py run bench/fit_lora.py
 	$(PY) scripts/hosts.py run bench/injection.py
+	$(PY) scripts/hosts.py run bench/masked_blend.py
 
 clean:
 	rm -rf $(VENV) .comfyui output

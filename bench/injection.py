@@ -12,7 +12,6 @@ Ratios are (time) / (plain time), best of --repeats after a warm-up.
     python bench/injection.py --gpu  # SD1.5 at 512x512, SDXL at 1024x1024 on a GPU
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,13 +19,10 @@ GPU = "--gpu" in sys.argv
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (prepares the ComfyUI host the same way)
 
-import asyncio  # noqa: E402
-
 import torch  # noqa: E402
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
-import nodes  # noqa: E402
 from helpers import run_node  # noqa: E402
 
 SITES = {"attention_sites": "plug_and_play", "custom_attention_sites": "", "feature_sites": "plug_and_play",
@@ -68,24 +64,22 @@ def run(name, side, steps, repeats):
                                    start, disable_noise=True, disable_pbar=True, seed=0)
 
     times = {label: bench.timed(lambda m=m: sample(m), repeats) for label, m in configurations.items()}
-    device = f"GPU {torch.cuda.get_device_name()}" if GPU else f"CPU ({torch.get_num_threads()} threads)"
+    device = bench.device_name()
     bench.print_table(f"{name} UNet, {side}x{side}, one content image with cfg, {steps} steps, {device}: injection "
                       "(features 0.6, attention 0.5) from the inverted latent", times, "plain")
     comfy.model_management.unload_all_models()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="real sizes on CUDA: SD1.5 512x512, SDXL 1024x1024")
-    parser.add_argument("--repeats", type=int, default=2)
-    options = parser.parse_args()
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    if options.gpu:
-        run("sd15", 512, 50, options.repeats)
-        run("sdxl", 1024, 50, options.repeats)
-    else:
-        run("tiny", 64, 10, max(options.repeats, 5))
-        run("sd15", 256, 4, options.repeats)
+    def gpu(repeats):
+        run("sd15", 512, 50, repeats)
+        run("sdxl", 1024, 50, repeats)
+
+    def cpu(repeats):
+        run("tiny", 64, 10, max(repeats, 5))
+        run("sd15", 256, 4, repeats)
+
+    bench.bench_main(__doc__, gpu, cpu)
 
 
 if __name__ == "__main__":

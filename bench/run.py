@@ -78,6 +78,20 @@ def reference_latent(side, context_dim, pooled_dim, cache_megabytes):
     return reference
 
 
+def device_name() -> str:
+    return f"GPU {torch.cuda.get_device_name()}" if GPU else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def bench_main(description: str, gpu_runs, cpu_runs) -> None:
+    """The benches' command line: --gpu runs gpu_runs(repeats), else cpu_runs(repeats), after the nodes load."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="real sizes on CUDA: SD1.5 512x512, SDXL 1024x1024")
+    parser.add_argument("--repeats", type=int, default=2)
+    options = parser.parse_args()
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    (gpu_runs if options.gpu else cpu_runs)(options.repeats)
+
+
 def print_table(title, times, baseline):
     print(f"\n{title}")
     for label, seconds in times.items():
@@ -101,9 +115,8 @@ def run(name, side, steps, inversion_steps, repeats):
         "StyleAligned reference latent, uncached": style_aligned(model, uncached),
     }
     times = {label: timed_sample(m, positive, negative, latent, steps, repeats) for label, m in configurations.items()}
-    device = f"GPU {torch.cuda.get_device_name()}" if GPU else f"CPU ({torch.get_num_threads()} threads)"
     print_table(f"{name} UNet, {side}x{side} ({side // 8}x{side // 8} latents), batch {BATCH} with cfg, {steps} steps, "
-                f"{device}; cached runs replay the reference recorded by the warm-up run", times, "plain")
+                f"{device_name()}; cached runs replay the reference recorded by the warm-up run", times, "plain")
 
     one = torch.randn(1, 4, side // 8, side // 8)
     single_positive, single_negative = conditioning(context_dim, pooled_dim, 1, 4), conditioning(context_dim, pooled_dim, 1, 5)
@@ -119,17 +132,15 @@ def run(name, side, steps, inversion_steps, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="real sizes on CUDA: SD1.5 512x512, SDXL 1024x1024")
-    parser.add_argument("--repeats", type=int, default=2)
-    options = parser.parse_args()
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    if options.gpu:
-        run("sd15", 512, 20, 50, options.repeats)
-        run("sdxl", 1024, 20, 50, options.repeats)
-    else:
-        run("tiny", 64, 10, 50, max(options.repeats, 5))  # fast enough to take the best of more runs
-        run("sd15", 256, 3, 10, options.repeats)
+    def gpu(repeats):
+        run("sd15", 512, 20, 50, repeats)
+        run("sdxl", 1024, 20, 50, repeats)
+
+    def cpu(repeats):
+        run("tiny", 64, 10, 50, max(repeats, 5))  # fast enough to take the best of more runs
+        run("sd15", 256, 3, 10, repeats)
+
+    bench_main(__doc__, gpu, cpu)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,13 @@ class LowRankDelta:
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
     scale: float
+    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) -> (up, down)
 
     def __call__(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        up, down = self.up.to(x), self.down.to(x)
+        key = (x.device, x.dtype)
+        if key not in self._copies:  # moved once per device and dtype, not at every call
+            self._copies[key] = (self.up.to(x), self.down.to(x))
+        up, down = self._copies[key]
         if isinstance(layer, torch.nn.Conv2d):
             inner = torch.nn.functional.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
             return torch.nn.functional.conv2d(inner, up.reshape(*up.shape[:2], 1, 1)) * self.scale

@@ -5,6 +5,7 @@ ComfyUI's own custom-node loader, exactly as a user's ComfyUI loads it.
 """
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -86,7 +87,8 @@ PACK = comfyui_host.pack_module()
 
 
 def pack_submodule(name: str):
-    return sys.modules[f"{PACK.__name__}.{name}"]
+    """A module of the pack as ComfyUI loaded it (imported now if no node needed it yet)."""
+    return importlib.import_module(f"{PACK.__name__}.{name}")
 
 
 @pytest.fixture(scope="session")

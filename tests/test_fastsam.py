@@ -2,6 +2,7 @@
 ultralytics loader, offline; segment selection by box, point, index and a word's cross-attention."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -104,13 +105,12 @@ def test_a_missing_word_is_named():
 
 
 @pytest.fixture
-def fastsam_folder(tmp_path, monkeypatch):
-    """models/fastsam/ for this test, with a random-weight FastSAM-s checkpoint."""
+def fastsam_folder(tmp_path, random_fastsam, fastsam_models, monkeypatch):
+    """A models/fastsam/ of this test's own (it may add files), with the random FastSAM-s.pt."""
     folder = tmp_path / "fastsam"
     folder.mkdir()
+    shutil.copyfile(random_fastsam / "FastSAM-s.pt", folder / "FastSAM-s.pt")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "fastsam", ([str(folder)], {".pt"}))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    fastsam_module.random_fastsam_checkpoint(str(folder / "FastSAM-s.pt"), scale="n")
     return folder
 
 

@@ -5,10 +5,16 @@ import pytest
 import torch
 
 import comfy.lora
+import comfy.patcher_extension
 import comfy.sample
 from conftest import pack_submodule
-from helpers import (encode, latent_reference, relative_error, run_node, vsp, with_separate_cond_batches)
+from helpers import (assert_relative_close, encode, latent_reference, relative_error, run_node, vsp,
+                     with_separate_cond_batches)
 from test_style_injection import content, inject, sample_from
+from reference import masked as reference_masked
+from reference.models import twin_models
+from reference.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
+from test_parity import TOLERANCE, comfy_sample, random_prompts, scale_factor, start_noise
 
 glue_lora = pack_submodule("glue.lora_fit")
 branch_weights = pack_submodule("glue.branch_weights")
@@ -183,6 +189,24 @@ def test_two_styles_with_content_injection_share_the_injected_layers(sd15):
     assert torch.isfinite(multi).all()
 
 
+def test_n_styles_cost_n_plus_one_evaluations_per_step(sd15, lora_branch):
+    positive, negative = prompts(sd15)
+    calls = []
+
+    def counted(model):
+        clone = model.clone()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_count",
+                                   lambda executor, *args, **kwargs: calls.append(1) or executor(*args, **kwargs))
+        return clone
+
+    base, style, other = counted(sd15.model), counted(lora_branch), counted(with_lora(sd15, seed=2))
+    run(base, positive, negative, steps=2)
+    plain_calls = len(calls)
+    calls.clear()
+    run(blend(base, (style, region(0, SIZE, 0, 4)), (other, region(0, SIZE, 4, SIZE))), positive, negative, steps=2)
+    assert plain_calls == 2 and len(calls) == 3 * plain_calls  # cond and uncond batched: one call per branch
+
+
 def test_one_copy_of_the_unet_and_no_trace_after(sd15, lora_branch):
     positive, negative = prompts(sd15)
     before = run(sd15.model, positive, negative, steps=2), run(lora_branch, positive, negative, steps=2)
@@ -227,3 +251,42 @@ def test_bad_inputs_are_named(sd15, sdxl, lora_branch):
     with pytest.raises(ValueError, match=r"styled_model_1: the patch at .* \(diff\) is not a plain LoRA"):
         blend(sd15.model, (other, mask))
     assert torch.equal(run(sd15.model, positive, negative), run(sd15.model, positive, negative))
+
+
+def twin_lora(twins, seed, rank=2, scale=0.5):
+    """The same random LoRA for both twins: kohya names from the diffusers module names (which ComfyUI
+    maps to its own), on the self-attention queries and cross-attention values."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, merged = {}, {}
+    for name, module in twins.diffusers_unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_v")):
+            down = torch.randn(rank, module.in_features, generator=generator) * scale
+            up = torch.randn(module.out_features, rank, generator=generator) * scale
+            kohya = "lora_unet_" + name.replace(".", "_")
+            tensors.update({f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
+                            f"{kohya}.alpha": torch.tensor(float(rank))})
+            merged[name] = (up, down, 1.0)
+    return tensors, merged
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_parity_with_the_authors_mask_wise_sampling_on_the_diffusers_twin(architecture):
+    twins = twin_models(architecture, seed=1)
+    prompts = random_prompts(twins, batch=1)
+    noise = start_noise(1)
+    loras = [twin_lora(twins, seed) for seed in (1, 2)]
+    styled = [glue_lora.with_lora(twins.comfy_model, tensors) for tensors, _ in loras]
+    left, right = torch.zeros(SIZE, SIZE, dtype=torch.bool), torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    left[:, :3], right[:, 4:] = True, True
+    image_mask = [m.repeat_interleave(8, 0).repeat_interleave(8, 1)[None].float() for m in (left, right)]
+    blended = blend(twins.comfy_model, (styled[0], image_mask[0]), (styled[1], image_mask[1]))
+    ours = comfy_sample(blended, prompts, 4, 4.0, noise)
+    scheduler = sd_scheduler()
+    scheduler.set_timesteps(4)
+    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
+    unets = [reference_masked.with_merged_lora(twins.diffusers_unet, merged) for _, merged in loras]
+    expected = reference_masked.masked_ddim_sample(twins.diffusers_unet, unets, [left, right], scheduler, start, 4,
+                                                   prompts, 4.0)
+    assert_relative_close(ours * scale_factor(twins), expected, TOLERANCE)
+    plain = ddim_sample(twins.diffusers_unet, sd_scheduler(), start, 4, prompts, 4.0)
+    assert relative_error(plain, expected) > 100 * TOLERANCE
