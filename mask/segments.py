@@ -93,3 +93,33 @@ def by_attention(segments: torch.Tensor, heats: list[torch.Tensor]) -> torch.Ten
     for heat in heats:
         picked |= segments[int(torch.argmax(attention_scores(segments, heat)))]
     return picked
+
+
+def segment_crops(image: torch.Tensor, segments: torch.Tensor) -> list[torch.Tensor]:
+    """Each segment's bounding box of the image (H, W, 3), black outside the segment: what a CLIP image
+    model scores against a word (FastSAM's text prompt crops segments the same way)."""
+    crops = []
+    for segment in segments:
+        rows, columns = torch.nonzero(segment, as_tuple=True)
+        if not len(rows):  # an empty segment scores on one black pixel
+            crops.append(torch.zeros_like(image[:1, :1]))
+            continue
+        top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(columns.min()), int(columns.max()) + 1
+        crops.append((image * segment[..., None])[top:bottom, left:right])
+    return crops
+
+
+def by_similarity(segments: torch.Tensor, image_embeddings: torch.Tensor, text_embeddings: list[torch.Tensor]):
+    """For each word's embedding the segment whose crop's embedding is closest (cosine)."""
+    _nonempty(segments, "text")
+    picked = torch.zeros(segments.shape[-2:], dtype=torch.bool)
+    images = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    for text in text_embeddings:
+        if text.shape[-1] != images.shape[-1]:
+            raise SelectionError(
+                f"clip_vision: its image embeddings have {images.shape[-1]} channels and the clip's pooled text "
+                f"embedding {text.shape[-1]}: they must share CLIP's space (e.g. SDXL's clip with clip_vision_g; "
+                "SD1.5's text encoder has no projection into it: use attention maps)")
+        similarity = images @ torch.nn.functional.normalize(text.float().reshape(-1), dim=0)
+        picked |= segments[int(torch.argmax(similarity))]
+    return picked

@@ -13,7 +13,8 @@ from ..attention_patches.heatmaps import cross_attention_heat
 from ..attention_patches.prompt_tokens import chunk_ids, content_ids, word_positions
 from ..mask.fastsam import DEFAULTS, FastSAMError, load_fastsam
 from ..mask.preview import preview
-from ..mask.segments import by_attention, by_boxes, by_indices, by_points, largest_first
+from ..mask.segments import (by_attention, by_boxes, by_indices, by_points, by_similarity, largest_first,
+                             segment_crops)
 from .attention_maps import chosen_layers
 from .io_types import AttentionMaps, FastSAM
 
@@ -103,6 +104,18 @@ def word_heats(attention_maps, clip, attention_prompt: str, words: list[str], si
             for word in words]
 
 
+def word_embeddings(clip, words: list[str]) -> list:
+    if clip is None:
+        raise ValueError("text with clip_vision: connect the clip too (it embeds the words)")
+    return [clip.encode_from_tokens(clip.tokenize(word), return_pooled=True)[1] for word in words]
+
+
+def crop_embeddings(clip_vision, picture, segments):
+    if len(segments) == 0:
+        return torch.zeros(0, 1)
+    return torch.cat([clip_vision.encode_image(crop[None])["image_embeds"] for crop in segment_crops(picture, segments)])
+
+
 class FastSAMSegment(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -141,18 +154,24 @@ class FastSAMSegment(io.ComfyNode):
                 io.Clip.Input("clip", optional=True, tooltip="text: tokenizes attention_prompt and the words."),
                 io.String.Input("attention_prompt", default="", optional=True,
                                 tooltip="text: the prompt the attention maps were captured with; the words are in it."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="text, instead of attention maps: a CLIP image model scores each segment's "
+                                    "crop against each word's pooled clip embedding (same CLIP space, e.g. SDXL's clip "
+                                    "with clip_vision_g)."),
             ],
             outputs=[io.Mask.Output(display_name="mask"), io.Image.Output(display_name="preview")],
         )
 
     @classmethod
     def execute(cls, fastsam, image, prompt, segment_indices, boxes, points, negative_points, text, imgsz, conf, iou,
-                attention_maps=None, clip=None, attention_prompt="") -> io.NodeOutput:
+                attention_maps=None, clip=None, attention_prompt="", clip_vision=None) -> io.NodeOutput:
         if prompt not in PROMPTS:
             raise ValueError(f"prompt must be one of {PROMPTS}, not {prompt!r}")
         select = selector(prompt, segment_indices, boxes, points, negative_points, text)
-        heats = None
-        if prompt == "text":
+        heats = texts = None
+        if prompt == "text" and clip_vision is not None:
+            texts = word_embeddings(clip, select)
+        elif prompt == "text":
             heats = word_heats(attention_maps, clip, attention_prompt, select, tuple(image.shape[1:3]))
             if any(heat.shape[0] not in (1, image.shape[0]) for heat in heats):
                 raise ValueError(f"attention_maps: captured {heats[0].shape[0]} images for {image.shape[0]} here")
@@ -163,7 +182,9 @@ class FastSAMSegment(io.ComfyNode):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 pixels = (picture.clamp(0, 1) * 255).round().byte().cpu().numpy()
                 segments = largest_first(fastsam.segment(pixels, device, imgsz, conf, iou))
-                if heats is not None:
+                if texts is not None:
+                    picked = by_similarity(segments, crop_embeddings(clip_vision, picture.cpu().float(), segments), texts)
+                elif heats is not None:
                     picked = by_attention(segments, [heat[min(index, heat.shape[0] - 1)] for heat in heats])
                 else:
                     picked = select(segments)

@@ -1,6 +1,7 @@
 """FastSAM Loader / Segment: a random-weight FastSAM-architecture checkpoint through the real
 ultralytics loader, offline; segment selection by box, point, index and a word's cross-attention."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,9 @@ import textwrap
 import pytest
 import torch
 
+import comfy.clip_vision
 import folder_paths
+import random_models
 import nodes
 from conftest import REPO, pack_submodule
 from helpers import encode, invert, run_node
@@ -200,6 +203,39 @@ def test_the_text_prompt_picks_the_segment_the_words_cross_attention_covers(fast
     assert torch.equal(mask[0].bool(), segments[int(scores.argmax())])
     with pytest.raises(ValueError, match="text 'tiger' in attention_prompt: its tokens"):
         segment(fastsam, picture, "text", text="tiger", attention_maps=maps, clip=sd15.clip, attention_prompt=prompt)
+
+
+def tiny_clip_vision(path, projection_dim=32, seed=3):
+    """A CLIP vision model of ComfyUI's own class from a small config, random weights."""
+    config = {"hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
+              "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16, "projection_dim": projection_dim}
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    random_models.randomize_parameters(vision.model, seed)
+    return vision
+
+
+def test_a_clip_vision_model_can_score_the_segments_for_the_words_instead(fastsam_folder, sdxl, tmp_path):
+    (fastsam,) = run_node("FastSAMLoader", model_name="FastSAM-s.pt")
+    vision = tiny_clip_vision(tmp_path / "tiny_clip_vision.json")
+    picture = image(1, 64, 64)
+    mask, _ = segment(fastsam, picture, "text", text="house, tree", clip=sdxl.clip, clip_vision=vision)
+    segments = segments_module.largest_first(fastsam.segment((picture[0] * 255).round().byte().numpy(),
+                                                             torch.device("cpu"), 160, 0.01, 0.9))
+    crops = segments_module.segment_crops(picture[0], segments)
+    assert all(crop.shape[-1] == 3 and crop.shape[0] <= 64 for crop in crops)
+    images = torch.nn.functional.normalize(torch.cat([vision.encode_image(c[None])["image_embeds"] for c in crops]), dim=-1)
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    for word in ("house", "tree"):
+        text = sdxl.clip.encode_from_tokens(sdxl.clip.tokenize(word), return_pooled=True)[1]
+        expected |= segments[int(torch.argmax(images @ torch.nn.functional.normalize(text[0], dim=0)))]
+    assert torch.equal(mask[0].bool(), expected)
+    with pytest.raises(ValueError, match="clip_vision: its image embeddings have 32 channels and the clip's pooled "
+                                         "text embedding 24"):
+        segments_module.by_similarity(segments, images, [torch.zeros(1, 24)])
+    with pytest.raises(ValueError, match="text with clip_vision: connect the clip too"):
+        segment(fastsam, picture, "text", text="house", clip_vision=vision)
 
 
 def test_nothing_is_fetched_from_the_network(tmp_path):
