@@ -323,3 +323,17 @@ def test_cross_attention_injection_is_an_option_that_follows_the_same_formula(sd
     replayed = sample_from(inject(sd15.model, content_features=features, attention_fraction=1.0, cross_attention=True),
                            start, *prompts_of(sd15))
     assert_relative_close(replayed, out, 1e-6)
+
+
+def test_a_lora_on_the_injected_resblocks_own_layer_still_applies(sd15, sd15_content):
+    """The stand-in at a ResBlock's residual branch keeps the layer at its own path, so a LoRA (LoCon)
+    patching that very convolution is still loaded with the model."""
+    _, start, trajectory = sd15_content
+    path = "diffusion_model.output_blocks.4.0.out_layers.3.weight"
+    weight = sd15.model.model.state_dict()[path]
+    lora = sd15.model.clone()
+    lora.add_patches({path: ("diff", (torch.randn_like(weight) * 0.5,))})
+    assert relative_error(sample_from(lora, start, *prompts_of(sd15)), sample_from(sd15.model, start, *prompts_of(sd15))) > 1e-3
+    injected = [sample_from(inject(m, trajectory, clip=sd15.clip, feature_fraction=0.3, attention_fraction=0.0), start,
+                            *prompts_of(sd15)) for m in (sd15.model, lora)]
+    assert relative_error(injected[1], injected[0]) > 1e-3
