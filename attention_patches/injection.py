@@ -82,6 +82,11 @@ class InjectedResidual(torch.nn.Module):
         (call, owner), *more = self.taps
         return InjectedResidual(self.layer, self.name, call, owner, (*more, *other.taps))
 
+    def with_layer(self, layer: torch.nn.Module) -> "InjectedResidual":
+        """The same taps around another stand-in for the layer (a masked blend's LoRA view of it)."""
+        (call, owner), *more = self.taps
+        return InjectedResidual(layer, self.name, call, owner, tuple(more))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer(x)
         calls = [tap.current for tap, _ in self.taps if tap.current is not None]

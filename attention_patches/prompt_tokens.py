@@ -13,10 +13,11 @@ def chunk_ids(tokenized: list[list[tuple]]) -> list[list[int]]:
 
 
 def content_ids(chunks: list[list[int]], empty: list[int]) -> list[int]:
-    """A short text's own token ids: its one chunk without the start, end and padding tokens (which the
-    empty prompt's chunk is made of)."""
-    framing = set(empty)
-    return [token for token in chunks[0][1:] if token not in framing]
+    """A short text's own token ids: its one chunk between the start token and the end token (the empty
+    prompt's chunk is start, end, padding). A token equal to the padding id (SDXL's clip_g pads with
+    id 0, which is also "!") stays a token of the text."""
+    chunk, end = chunks[0], empty[1]
+    return chunk[1:chunk.index(end, 1)] if end in chunk[1:] else chunk[1:]
 
 
 def word_positions(prompt: list[list[int]], word: list[int], name: str = "word") -> list[int]:

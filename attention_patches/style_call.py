@@ -18,6 +18,7 @@ from .reference import ReferenceFeatureStore
 CALLS_OPTION = "style_attention_nodes.calls"  # {StyleOwner: StyleCall} of the styles on in this call
 RECORDING_OPTION = "style_attention_nodes.recording_pass"  # the StyleOwner whose reference pass this call is
 NORM_SLOTS_OPTION = "style_attention_nodes.norm_slots"  # shared-norm slots filled for this call
+BRANCH_OPTION = "style_attention_nodes.branch"  # a masked blend's branch whose call this is (its weights differ)
 
 
 @dataclass(frozen=True)

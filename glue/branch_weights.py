@@ -23,21 +23,36 @@ class BranchWeightError(ValueError):
     pass
 
 
+@dataclass
+class DeviceCopies:
+    """The LoRA matrices moved to the sampling device, once per device and dtype; a ModelPatcher detach
+    callback of the blend: a real unload drops them."""
+
+    moved: dict = field(default_factory=dict)
+
+    def of(self, delta: "LowRankDelta", like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(delta), like.device, like.dtype)
+        if key not in self.moved:
+            self.moved[key] = (delta.up.to(like), delta.down.to(like))
+        return self.moved[key]
+
+    def __call__(self, patcher, unpatch_all: bool) -> None:
+        if unpatch_all:
+            self.moved.clear()
+
+
 @dataclass(frozen=True)
 class LowRankDelta:
     """strength * alpha / rank * up(down(x)) for a linear layer, or its convolution form."""
 
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
+    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw), or flattened (rank, in * kh * kw)
     scale: float
-    _copies: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) -> (up, down)
 
-    def __call__(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        if key not in self._copies:  # moved once per device and dtype, not at every call
-            self._copies[key] = (self.up.to(x), self.down.to(x))
-        up, down = self._copies[key]
+    def __call__(self, layer: torch.nn.Module, x: torch.Tensor, copies: DeviceCopies) -> torch.Tensor:
+        up, down = copies.of(self, x)
         if isinstance(layer, torch.nn.Conv2d):
+            down = down.reshape(down.shape[0], layer.in_channels, *layer.kernel_size)
             inner = torch.nn.functional.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
             return torch.nn.functional.conv2d(inner, up.reshape(*up.shape[:2], 1, 1)) * self.scale
         return torch.nn.functional.linear(torch.nn.functional.linear(x, down.flatten(1)), up.flatten(1)) * self.scale
@@ -76,16 +91,17 @@ class BranchDeltaLayer:
 
     branch_deltas: dict[int, list[LowRankDelta]]
     active_branch: ActiveBranch
+    device_copies: DeviceCopies
 
     def forward(self, x, *args, **kwargs):
         out = super().forward(x, *args, **kwargs)
         for delta in self.branch_deltas.get(self.active_branch.current, ()):
-            out = out + delta(self, x)
+            out = out + delta(self, x, self.device_copies)
         return out
 
 
 def with_deltas(layer: torch.nn.Module, deltas: dict[int, list[LowRankDelta]], active: ActiveBranch,
-                path: str) -> torch.nn.Module:
+                path: str, copies: DeviceCopies) -> torch.nn.Module:
     """A stand-in for layer (its object patch) adding deltas[active.current].
 
     The stand-in is the layer seen through a subclass: it shares the layer's instance dictionary
@@ -96,7 +112,7 @@ def with_deltas(layer: torch.nn.Module, deltas: dict[int, list[LowRankDelta]], a
                                 "linear and convolution layers")
     cls = type(layer)
     view = type(f"Branch{cls.__name__}", (BranchDeltaLayer, cls),
-                {"branch_deltas": deltas, "active_branch": active, "__module__": __name__})
+                {"branch_deltas": deltas, "active_branch": active, "device_copies": copies, "__module__": __name__})
     stand_in = object.__new__(view)
     object.__setattr__(stand_in, "__dict__", layer.__dict__)
     return stand_in

@@ -13,15 +13,15 @@ blend's own, i.e. the base's: CFG is applied once, to the fused prediction.
 import comfy.patcher_extension
 
 from ..attention_patches.injection import InjectedResidual
-from .branch_weights import BranchWeightError, weight_deltas, with_deltas
-from .masked_calls import ActiveBranch, Branch, MaskedBlendWrapper
+from ..attention_patches.shared_norm import SharedGroupNorm
+from .branch_weights import BranchWeightError, DeviceCopies, weight_deltas, with_deltas
+from .masked_calls import ActiveBranch, BlendError, Branch, MaskedBlendWrapper
 
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 WRAPPER_KEY = "style_attention_nodes.masked_style_blend"
 
 
-class BlendError(ValueError):
-    pass
+SLOT_DRIVEN = (InjectedResidual, SharedGroupNorm)  # act only while their own node's call runs
 
 
 def own_transformer_options(model) -> dict:
@@ -45,6 +45,10 @@ def merge_object_patches(blended, branch, base, name: str) -> None:
         current = blended.object_patches.get(path)
         if current is patch:
             continue
+        if not isinstance(patch, SLOT_DRIVEN):  # it would act on the base and every branch
+            raise BlendError(
+                f"{name}: its model replaces {path} ({type(patch).__name__}), which the base model does not: in a "
+                "blend it would act everywhere; put that node on the base model (before the blend), or leave it out")
         if current is None:
             blended.add_object_patch(path, patch)
         elif isinstance(current, InjectedResidual) and isinstance(patch, InjectedResidual):
@@ -81,14 +85,18 @@ def masked_style_blend(base, branches: list[tuple[str, str, object, object, str,
             raise BlendError(f"{name}: {error}") from None
         for path, terms in deltas.items():
             per_layer.setdefault(path, {})[index] = terms
+    copies = DeviceCopies()
     for path, deltas in per_layer.items():
-        if path in blended.object_patches:
-            raise BlendError(f"a branch's LoRA patches {path}, which {type(blended.object_patches[path]).__name__} "
-                             "already replaces")
+        current = blended.object_patches.get(path)
+        if current is not None and not isinstance(current, InjectedResidual):
+            raise BlendError(f"a branch's LoRA patches {path}, which {type(current).__name__} already replaces")
+        layer = current.layer if current is not None else blended.get_model_object(path)
         try:
-            blended.add_object_patch(path, with_deltas(blended.get_model_object(path), deltas, active, path))
+            stand_in = with_deltas(layer, deltas, active, path, copies)
         except BranchWeightError as error:
             raise BlendError(str(error)) from None
+        blended.add_object_patch(path, stand_in if current is None else current.with_layer(stand_in))
+    blended.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, copies)
     wrapper = MaskedBlendWrapper(
         base_options=own_transformer_options(base),
         static_keys=frozenset(topts) | {"wrappers", "callbacks"},

@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention_patches.style_call import BRANCH_OPTION
 from ..mask.fusion import fuse
 from ..mask.latent_mask import MaskSizeError, latent_mask, per_image
+
+
+class BlendError(ValueError):
+    pass
 
 
 @dataclass
@@ -49,7 +54,8 @@ class MaskedBlendWrapper:
             self.active.current = index
             try:
                 text = with_prompt(c_crossattn, branch.prompt, transformer_options.get("cond_or_uncond", [0]))
-                out = model.apply_model(x, t, c_concat, text, control, {**per_call, **branch.options}, **kwargs)
+                options = {**per_call, **branch.options, BRANCH_OPTION: index}
+                out = model.apply_model(x, t, c_concat, text, control, options, **kwargs)
             finally:
                 self.active.current = None
             predictions.append((out, self._mask(index, branch, x, chunks)))

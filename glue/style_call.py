@@ -11,7 +11,8 @@ from ..attention_patches.feature_store import FeatureStore
 from ..attention_patches.reference import ReferenceFeatureStore
 from ..attention_patches.shared_norm import ModelCallSlot
 from ..attention_patches.sigma_range import SigmaRange
-from ..attention_patches.style_call import CALLS_OPTION, NORM_SLOTS_OPTION, RECORDING_OPTION, StyleCall, StyleOwner
+from ..attention_patches.style_call import (BRANCH_OPTION, CALLS_OPTION, NORM_SLOTS_OPTION, RECORDING_OPTION, StyleCall,
+                                           StyleOwner)
 from .references import ExternalReference
 
 WRAPPER_KEY_PREFIX = "style_attention_nodes.style_call."
@@ -75,7 +76,8 @@ class StyleCallWrapper:
 
     def _reference_features(self, executor, sigma, sigma_value: float, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
-        weights = getattr(base_model, "current_weight_patches_uuid", None)
+        # the loaded weights, and which masked-blend branch's deltas act on them in this call
+        weights = (getattr(base_model, "current_weight_patches_uuid", None), transformer_options.get(BRANCH_OPTION))
         if self.cache is not None:
             cached = self.cache.get(sigma_value, x.device, tag=weights)
             if cached is not None:

@@ -18,7 +18,7 @@ def preview(image: torch.Tensor, segments: torch.Tensor, picked: torch.Tensor) -
     """image (H, W, 3) in [0, 1]; segments (N, H, W) largest first; picked (H, W) -> (H, W, 3)."""
     tint = torch.zeros_like(image)
     colours = palette(len(segments)).to(image)
-    for index in range(len(segments) - 1, -1, -1):  # the larger drawn last would hide the smaller: reverse
+    for index in range(len(segments)):  # largest first, so each smaller segment is painted over it
         tint[segments[index]] = colours[index]
     covered = segments.any(0)[..., None] if len(segments) else torch.zeros_like(picked)[..., None]
     shown = torch.where(covered, image * 0.65 + tint * 0.35, image)

@@ -38,7 +38,10 @@ def by_boxes(segments: torch.Tensor, boxes: list[tuple[float, float, float, floa
     _nonempty(segments, "box")
     picked = torch.zeros(segments.shape[-2:], dtype=torch.bool)
     for box in boxes:
-        picked |= segments[int(torch.argmax(box_overlaps(segments, box)))]
+        overlaps = box_overlaps(segments, box)
+        if float(overlaps.max()) <= 0:
+            raise SelectionError(f"boxes: {box} overlaps no segment (see the preview)")
+        picked |= segments[int(torch.argmax(overlaps))]
     return picked
 
 
@@ -83,7 +86,8 @@ def attention_scores(segments: torch.Tensor, heat: torch.Tensor) -> torch.Tensor
     heat = heat.float().clamp(min=0)
     heat = heat / heat.max().clamp(min=1e-12)
     shapes = segments.float()
-    return torch.minimum(shapes, heat).flatten(1).sum(1) / torch.maximum(shapes, heat).flatten(1).sum(1)
+    union = torch.maximum(shapes, heat).flatten(1).sum(1).clamp(min=1e-12)
+    return torch.minimum(shapes, heat).flatten(1).sum(1) / union
 
 
 def by_attention(segments: torch.Tensor, heats: list[torch.Tensor]) -> torch.Tensor:

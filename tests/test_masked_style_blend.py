@@ -250,7 +250,29 @@ def test_bad_inputs_are_named(sd15, sdxl, lora_branch):
     other.add_patches({key: ("diff", (value,)) for key, value in full.items()})
     with pytest.raises(ValueError, match=r"styled_model_1: the patch at .* \(diff\) is not a plain LoRA"):
         blend(sd15.model, (other, mask))
+    sampling = sd15.model.clone()  # another node's object patch on a branch would act everywhere: refused
+    sampling.add_object_patch("model_sampling", sd15.model.get_model_object("model_sampling"))
+    with pytest.raises(ValueError, match="styled_model_1: its model replaces model_sampling"):
+        blend(sd15.model, (sampling, mask))
     assert torch.equal(run(sd15.model, positive, negative), run(sd15.model, positive, negative))
+
+
+def test_a_conv_lora_on_a_layer_content_injection_stands_in_for_applies_in_its_branch(sd15):
+    _, start, trajectory = content(sd15, size=SIZE)
+    positive, negative = encode(sd15.clip, "a dog"), encode(sd15.clip, "")
+    path = "diffusion_model.output_blocks.4.0.out_layers.3.weight"  # Style Injection's default feature site
+    weight = sd15.model.model.state_dict()[path]
+    generator = torch.Generator().manual_seed(3)
+    locon = {"lora_unet_output_blocks_4_0_out_layers_3.lora_down.weight": torch.randn(2, *weight.shape[1:], generator=generator),
+             "lora_unet_output_blocks_4_0_out_layers_3.lora_up.weight": torch.randn(weight.shape[0], 2, 1, 1, generator=generator),
+             "lora_unet_output_blocks_4_0_out_layers_3.alpha": torch.tensor(2.0)}
+    style = inject(glue_lora.with_lora(sd15.model, locon), trajectory, clip=sd15.clip, feature_fraction=0.3)
+    base = inject(sd15.model, trajectory, clip=sd15.clip, feature_fraction=0.3)
+    everywhere = torch.ones(1, SIZE * 8, SIZE * 8)
+    result = sample_from(blend(base, (style, everywhere)), start, positive, negative)
+    alone = sample_from(style, start, positive, negative)
+    assert relative_error(result, alone) < 1e-5
+    assert relative_error(alone, sample_from(base, start, positive, negative)) > 1e-3
 
 
 def twin_lora(twins, seed, rank=2, scale=0.5):
