@@ -115,3 +115,14 @@ def layer_name(block: str, number: int, index: int | None = None) -> str:
 
 def format_layers(layers: list[SelfAttentionLayer]) -> str:
     return ", ".join(layer_name(*layer) for layer in layers) or "none"
+
+
+def coarsest_level_layers(sites: list[TransformerSite]) -> list[SelfAttentionLayer]:
+    """The encoder's and decoder's transformer layers at their coarsest attention level (the middle
+    block left out): on SD1.5 at 512 px the 16x16 layers (input 7-8, output 3-5), the ones
+    StyleDiffusion's attention regulariser compares."""
+    outside = [site for site in sites if site.block != "middle" and site.depth > 0]
+    if not outside:
+        return []
+    coarsest = max(site.downsamplings for site in outside)
+    return all_layers([site for site in outside if site.downsamplings == coarsest])

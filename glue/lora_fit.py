@@ -40,6 +40,15 @@ def frozen(weight: torch.Tensor) -> torch.Tensor:
     return weight.clone() if weight.is_inference() else weight
 
 
+def freeze_weights(patcher) -> None:
+    """Every UNet weight of patcher (a clone) through `frozen`, so autograd can run through the model."""
+    for name, module in patcher.model.named_modules():
+        if name.startswith("diffusion_model.") and hasattr(module, "weight_function"):
+            for part in ("weight", "bias"):
+                if getattr(module, part, None) is not None:
+                    patcher.add_weight_wrapper(f"{name}.{part}", frozen)
+
+
 def linear_layers(model) -> dict[str, torch.nn.Module]:
     """The UNet's linear layers by ComfyUI's names ("diffusion_model.input_blocks.1.1...attn1.to_q")."""
     return {name: module for name, module in model.model.named_modules()
@@ -119,11 +128,7 @@ def fit_style_lora(model, positive, mean: torch.Tensor, std: torch.Tensor | None
     with torch.inference_mode(False):
         trainee = model.clone()
         trainee.set_model_compute_dtype(resolve_dtype(training_dtype))
-        for name, module in trainee.model.named_modules():
-            if name.startswith("diffusion_model.") and hasattr(module, "weight_function"):
-                for part in ("weight", "bias"):
-                    if getattr(module, part, None) is not None:
-                        trainee.add_weight_wrapper(f"{name}.{part}", frozen)
+        freeze_weights(trainee)
         layers = linear_layers(trainee)
         adapters = {}
         for name, (up, down) in zip(targets, initial_lora([tuple(layers[n].weight.shape) for n in targets],

@@ -10,6 +10,7 @@ from .masked_style_blend import MaskedStyleBlend
 from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
 from .style_injection import StyleInjection
+from .stylediffusion import LoadStyleInversion, PromptEmbeddingInversion, SaveStyleInversion
 from .visual_style_prompting import VisualStylePrompting
 
 NODES = [
@@ -32,4 +33,7 @@ NODES = [
     FastSAMLoader,
     FastSAMSegment,
     MaskedStyleBlend,
+    PromptEmbeddingInversion,
+    SaveStyleInversion,
+    LoadStyleInversion,
 ]

@@ -7,3 +7,4 @@ Inversion = io.Custom("INVERSION")  # inversion.ddim.InversionTrajectory
 AttentionMaps = io.Custom("ATTENTION_MAPS")  # attention_patches.attention_maps.AttentionMapRecorder
 ContentFeatures = io.Custom("CONTENT_FEATURES")  # glue.source_features.RecordedSource
 FastSAM = io.Custom("FASTSAM")  # mask.fastsam.FastSAMModel
+StyleInversion = io.Custom("STYLE_INVERSION")  # inversion.style_inversion.StyleInversion

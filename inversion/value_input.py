@@ -1,0 +1,123 @@
+"""StyleDiffusion's inversion of a real image through the value input of cross-attention (pure: no comfy).
+
+Walking down the schedule of a plain DDIM inversion (cfg 1, the source prompt), at each step the
+step's modulation of the prompt's value input is trained so that one guided DDIM step from the
+current latent lands on the inversion's latent one step down, with the cross-attention maps kept
+close to the inversion's (the maps stay the prompt's, so prompt-to-prompt can edit them). As the
+authors' stylediffusion.py: ceil(N e^(-0.1 i)) Adam iterations at step i (from the noisiest),
+learning rate base (1 - i / 100), a fresh optimiser per step warm-started from the previous step's
+parameters, the step ended early once its loss is below 1e-5 + 2e-5 i, and the next step starting
+from the latent the optimised step reaches (not the inversion's).
+
+Latents are ComfyUI's sigma-space ones (x = x0 + sigma eps); the latent loss is taken on the
+diffusers latent x / sqrt(1 + sigma^2) (latent_scale), where the authors' loss and early-stop
+thresholds are stated.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# step(x, sigma, parameters) -> (guided denoised x0, {layer: cond cross-attention maps}); parameters
+# is the step's (scale, shift), read by the model's value-input patch
+StepFunction = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, dict]]
+SAME_LATENT, SAME_SIGMA = "same latent (authors' code)", "same sigma"
+ATTENTION_TARGETS = (SAME_LATENT, SAME_SIGMA)
+
+
+@dataclass(frozen=True)
+class ValueInversionSettings:
+    inner_iterations: int = 20  # N: the README's command (the code's default is 100)
+    learning_rate: float = 1e-2
+    attention_weight: float = 1.0
+    early_stop: bool = True
+    stop_epsilon: float = 1e-5
+    stop_slope: float = 2e-5
+    attention_target: str = SAME_LATENT
+
+
+def iterations_at(settings: ValueInversionSettings, i: int) -> int:
+    """Inner iterations at step i, counted from the noisiest: ceil(N e^(-0.1 i))."""
+    return math.ceil(settings.inner_iterations * math.exp(-0.1 * i))
+
+
+def learning_rate_at(settings: ValueInversionSettings, i: int) -> float:
+    return settings.learning_rate * (1 - i / 100)
+
+
+def stop_threshold(settings: ValueInversionSettings, i: int) -> float:
+    return settings.stop_epsilon + settings.stop_slope * i
+
+
+def ddim_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """DDIM (eta 0) from sigma to sigma_next < sigma in sigma space."""
+    return x + (sigma_next - sigma) * (x - denoised) / sigma
+
+
+def attention_target_index(settings: ValueInversionSettings, j: int, steps: int) -> int:
+    """Which inversion step's maps step j (from sigma_j down) is held to. The inversion's step k took
+    latent k to k + 1 with the model at sigma_(k+1). The authors' code pairs by latent: k = j (the
+    model at the next sigma up), the top step repeating the last; 'same sigma' pairs k = j - 1."""
+    if settings.attention_target == SAME_SIGMA:
+        return j - 1
+    if settings.attention_target != SAME_LATENT:
+        raise ValueError(f"attention_target must be one of {', '.join(ATTENTION_TARGETS)}")
+    return min(j, steps - 1)
+
+
+def attention_loss(maps: dict, targets: dict) -> torch.Tensor:
+    """Sum over layers of the MSE between maps (per head, every token), as the authors' code."""
+    return sum(torch.nn.functional.mse_loss(maps[layer].float(), targets[layer].to(maps[layer]).float())
+               for layer in targets)
+
+
+@dataclass(frozen=True)
+class ValueInversionResult:
+    parameters: list[tuple[torch.Tensor, torch.Tensor]]  # (scale, shift) per sampling step, noisiest first
+    losses: list[list[float]]  # each step's losses, one per iteration run
+    reconstruction: torch.Tensor  # the latent the learned steps reach at sigma 0
+
+
+def invert_value_inputs(step: StepFunction, sigmas: torch.Tensor, latents: torch.Tensor, maps: list[dict],
+                        initial: tuple[torch.Tensor, torch.Tensor], latent_scale: Callable[[torch.Tensor], torch.Tensor],
+                        settings: ValueInversionSettings,
+                        on_iteration: Callable[[int, int, float], None] | None = None) -> ValueInversionResult:
+    """sigmas (ascending from 0), latents and maps: a plain DDIM inversion (latents[k] at sigmas[k],
+    maps[k] the cond cross-attention maps of its step k); initial: the first step's (scale, shift).
+    on_iteration(step, iteration, loss) after each update."""
+    steps = len(sigmas) - 1
+    x = latents[steps]
+    scale, shift = initial
+    learned, losses = [], []
+    for i, j in enumerate(range(steps, 0, -1)):
+        sigma, sigma_next = sigmas[j].to(x), sigmas[j - 1].to(x)
+        target = latents[j - 1].to(x) * latent_scale(sigma_next)
+        target_maps = maps[attention_target_index(settings, j, steps)] if settings.attention_weight else {}
+        scale = scale.detach().clone().requires_grad_(True)
+        shift = shift.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([scale, shift], lr=learning_rate_at(settings, i))
+        step_losses = []
+        for iteration in range(iterations_at(settings, i)):
+            with torch.enable_grad():
+                denoised, step_maps = step(x, sigma, (scale, shift))
+                reached = ddim_step(x, sigma, sigma_next, denoised) * latent_scale(sigma_next)
+                loss = torch.nn.functional.mse_loss(reached.float(), target.float())
+                if target_maps:
+                    loss = loss + settings.attention_weight * attention_loss(step_maps, target_maps)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            step_losses.append(float(loss.detach()))  # the iteration's one device sync: progress and early stop
+            if on_iteration is not None:
+                on_iteration(i, iteration, step_losses[-1])
+            if settings.early_stop and step_losses[-1] < stop_threshold(settings, i):
+                break
+        scale, shift = scale.detach(), shift.detach()
+        with torch.no_grad():
+            denoised, _ = step(x, sigma, (scale, shift))
+            x = ddim_step(x, sigma, sigma_next, denoised)
+        learned.append((scale, shift))
+        losses.append(step_losses)
+    return ValueInversionResult(learned, losses, x)
