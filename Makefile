@@ -42,6 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/fit_lora.py
 	$(PY) scripts/hosts.py run bench/injection.py
 	$(PY) scripts/hosts.py run bench/masked_blend.py
+	$(PY) scripts/hosts.py run bench/value_inversion.py
 
 clean:
 	rm -rf $(VENV) .comfyui output
