@@ -88,14 +88,18 @@ def check_free(model, layers) -> None:
                          "the inversion needs those layers' attention maps: invert with the model before that node")
 
 
+def model_input_scale(sampling):
+    """sigma -> the model's c_in at sigma, a scalar tensor."""
+    return lambda sigma: sampling.calculate_input(sigma.reshape(1), torch.ones(1, device=sigma.device)).reshape(())
+
+
 def inversion_maps(model, positive, samples, sigmas, layers, max_bytes: int):
     """Plain DDIM inversion (cfg 1), each step's probed maps on the CPU: (trajectory, maps)."""
     sink = MapSink(armed=True)
     sampling = model.get_model_object("model_sampling")
     maps, used = [], [0]
 
-    def input_scale(sigma):
-        return sampling.calculate_input(sigma.reshape(1), torch.ones(1, device=sigma.device)).reshape(())
+    input_scale = model_input_scale(sampling)
 
     def loop(denoise, x, loop_sigmas, on_step):
         def keep(i, x_i, denoised):
@@ -124,7 +128,7 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
                                guidance: float, layers, settings: ValueInversionSettings, source_prompt: str,
                                max_bytes: int = 4 << 30, on_iteration=None) -> tuple[torch.Tensor, StyleInversion]:
     """(the reconstruction's latent, VAE space; the STYLE_INVERSION). samples: the image's latent."""
-    prediction_of(model)  # eps or v on a discrete schedule: DDIM in sigma space holds
+    prediction = prediction_of(model)  # eps or v on a discrete schedule: DDIM in sigma space holds
     check_free(model, layers)
     sampling = model.get_model_object("model_sampling")
     sigmas = inversion_sigmas(model, scheduler, steps)
@@ -158,11 +162,10 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
                 if on_iteration is not None:
                     on_iteration(i, iteration, loss)
 
-            def latent_scale(sigma):
-                return sampling.calculate_input(sigma.reshape(1), torch.ones(1, device=sigma.device)).reshape(())
-
+            # c_in = 1 / sqrt(1 + sigma^2): diffusers' latent is ComfyUI's scaled by it
             result = invert_value_inputs(step, trajectory.sigmas.to(x), trajectory.latents.to(x), maps,
-                                         (initial[0].to(x), initial[1].to(x)), latent_scale, settings, iteration_done)
+                                         (initial[0].to(x), initial[1].to(x)), model_input_scale(sampling), settings,
+                                         iteration_done)
             return result.reconstruction, result
 
         top = model.get_model_object("latent_format").process_out(trajectory.top)
@@ -173,7 +176,7 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
         {"steps": steps, "scheduler": scheduler, "guidance": guidance, "inner_iterations": settings.inner_iterations,
          "learning_rate": settings.learning_rate, "attention_weight": settings.attention_weight,
          "attention_target": settings.attention_target, "early_stop": settings.early_stop,
-         "layers": [list(layer) for layer in probe_layers], "prediction": prediction_of(model)},
+         "layers": [list(layer) for layer in probe_layers], "prediction": prediction},
         tuple(tuple(l) for l in result.losses))
     return reconstruction, inversion
 
