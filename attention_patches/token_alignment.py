@@ -15,7 +15,8 @@ misplaces them when the prompts' token counts differ; here they follow their own
 
 import torch
 
-from .prompt_tokens import TokenError
+from .prompt_tokens import TokenError, word_positions
+from .prompt_to_prompt import CrossAttentionEdit
 
 
 def replacement_mapper(source_words: list[list[int]], target_words: list[list[int]], length: int) -> torch.Tensor:
@@ -88,3 +89,23 @@ def equalizer(positions: list[list[int]], weights: list[float], length: int) -> 
     for word, weight in zip(positions, weights):
         scale[word] = float(weight)
     return scale
+
+
+EDIT_MODES = ("replace", "refine", "reweight")
+
+
+def edit_maps(mode: str, source: list[int], target: list[int], source_words: list[list[int]],
+              target_words: list[list[int]], weighted: list[tuple[list[int], float]], length: int):
+    """The CrossAttentionEdit of an edit on one tokenizer's ids: source and target are the prompts'
+    ids from the start token to the end token, *_words each word's own ids, weighted (a target word's
+    ids, its weight) pairs. reweight is refine's alignment (one to one for the same prompt) with weights."""
+    if mode not in EDIT_MODES:
+        raise TokenError(f"edit_mode: expected one of {', '.join(EDIT_MODES)}, got {mode!r}")
+    if mode == "reweight" and not weighted:
+        raise TokenError("reweight: give words and weights, e.g. 'fluffy:2, cat:0.5'")
+    weights = equalizer([word_positions([target], word, "reweight") for word, _ in weighted],
+                        [weight for _, weight in weighted], length)
+    if mode == "replace":
+        return CrossAttentionEdit.replace(replacement_mapper(source_words, target_words, length), weights)
+    indices, alphas = refinement_mapper(source, target, length)
+    return CrossAttentionEdit.refine(indices, alphas, weights)

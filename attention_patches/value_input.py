@@ -23,7 +23,8 @@ SITE = "value_input"  # the one feature name: every cross-attention layer takes 
 @register_feature_type
 @dataclass(frozen=True)
 class ValueInput:
-    """One step's modulation of the prompt embedding: scale and shift of shape (tokens, channels)."""
+    """One step's modulation of the prompt embedding: scale and shift of shape (tokens, channels), or
+    (rows, tokens, channels) for each row of a chunk apart (a prompt-to-prompt edit's source and target)."""
 
     scale: torch.Tensor
     shift: torch.Tensor
@@ -32,9 +33,12 @@ class ValueInput:
 def modulated(context: torch.Tensor, value: ValueInput) -> torch.Tensor:
     """context (batch, tokens, channels) * scale + shift, the step's value input."""
     scale, shift = value.scale.to(context), value.shift.to(context)
-    if scale.shape != context.shape[1:]:
+    if scale.ndim == 3 and scale.shape[0] != context.shape[0]:
+        raise StyleReferenceError(f"the value input is for chunks of {scale.shape[0]} rows; this call has "
+                                  f"{context.shape[0]}")
+    if scale.shape[-2:] != context.shape[1:]:
         raise StyleReferenceError(
-            f"the learned value input is for {scale.shape[0]} tokens of {scale.shape[1]} channels, and this prompt "
+            f"the learned value input is for {scale.shape[-2]} tokens of {scale.shape[-1]} channels, and this prompt "
             f"has {context.shape[1]} tokens of {context.shape[2]}: edit with prompts of the inverted prompt's length "
             "(one 77-token chunk) and the inverted model")
     return context * scale + shift

@@ -7,6 +7,7 @@ from .ddim_inversion import DDIMInversion, InversionLatent, LoadInversion, SaveI
 from .fastsam import FastSAMLoader, FastSAMSegment
 from .fit_style_lora import FitStyleLoRA
 from .masked_style_blend import MaskedStyleBlend
+from .prompt_to_prompt import PromptToPromptEdit
 from .reference import StyleReferenceInversion, StyleReferenceLatent
 from .style_aligned import StyleAlignedAttention
 from .style_injection import StyleInjection
@@ -36,4 +37,5 @@ NODES = [
     PromptEmbeddingInversion,
     SaveStyleInversion,
     LoadStyleInversion,
+    PromptToPromptEdit,
 ]
