@@ -77,7 +77,7 @@ class CrossAttentionEdit:
         if v_t.shape[1] != self.source_map.shape[0]:
             raise StyleReferenceError(f"the edit's token alignment is for {self.source_map.shape[0]} keys and this "
                                       f"cross-attention has {v_t.shape[1]}: prompts of one 77-token chunk only")
-        out = kernel(q_s, k_s, self.source_map.T.to(v_t) @ v_t, heads, attn_precision=precision)
+        out = kernel(q_s, k_s, self.source_map.to(v_t) @ v_t, heads, attn_precision=precision)
         if self.own is not None:
             out = out + kernel(q_t, k_t, self.own.to(v_t)[:, None] * v_t, heads, attn_precision=precision)
         return out

@@ -126,5 +126,6 @@ def run_edit(patched, inversion: StyleInversion, positive, negative, blend: Loca
             on_step(i, x, denoised)
         return x, None
 
-    out, _ = run_guided_loop(patched, positive, negative, inversion.guidance, sigmas, top, loop)
+    with torch.no_grad():
+        out, _ = run_guided_loop(patched, positive, negative, inversion.guidance, sigmas, top, loop)
     return out

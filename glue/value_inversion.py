@@ -62,8 +62,8 @@ class SplitGuidance:
     def __call__(self, args):
         cond, uncond = args["conds"]
         cond_out = self._calc(args, [cond, None])[0]
-        if uncond is None:
-            return [cond_out, None]
+        if uncond is None:  # cfg 1: ComfyUI's own calc_cond_batch leaves a skipped cond's output zero
+            return [cond_out, torch.zeros_like(cond_out)]
         x, sigma = args["input"], args["sigma"]
         key = (float(sigma[0]), x.data_ptr(), x._version, tuple(x.shape))
         if self._last.get("key") != key:
