@@ -131,9 +131,10 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
     prediction = prediction_of(model)  # eps or v on a discrete schedule: DDIM in sigma space holds
     check_free(model, layers)
     sampling = model.get_model_object("model_sampling")
-    sigmas = inversion_sigmas(model, scheduler, steps)
     height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
     with torch.inference_mode(False):
+        # made here, not in the engine's inference mode: autograd saves them (as the trajectory's sigmas)
+        sigmas = inversion_sigmas(model, scheduler, steps).clone()
         positive, negative = with_size(positive, height, width), with_size(negative, height, width)
         probe_layers = layers if settings.attention_weight else []
         trajectory, maps = inversion_maps(model, positive, samples.clone(), sigmas, probe_layers, max_bytes)

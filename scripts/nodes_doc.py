@@ -33,7 +33,8 @@ PAPERS = {
     "content_features": "DiffStyler (Li 2024), part 2: the content's source branch recorded once for many styles",
     "fastsam": "DiffStyler (Li 2024), part 3: FastSAM masks (Zhao et al. 2023) chosen by box, point, number or word",
     "masked_style_blend": "DiffStyler (Li 2024), part 3: mask-wise style transfer, several styles in one image (eq. 7)",
-    "stylediffusion": "StyleDiffusion: Prompt-Embedding Inversion for Text-Based Editing (Li et al. 2023), the inversion; prompt-to-prompt editing (Hertz et al. 2022) follows",
+    "stylediffusion": "StyleDiffusion: Prompt-Embedding Inversion for Text-Based Editing (Li et al. 2023), the inversion",
+    "prompt_to_prompt": "StyleDiffusion (Li et al. 2023): prompt-to-prompt editing (Hertz et al. 2022) of the inverted real image, tau_v/tau_c/tau_s/tau_u",
 }
 
 CAPTIONS = {

@@ -50,6 +50,8 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
             node["inputs"]["steps"] = 3
         elif node["class_type"] == "FitStyleLoRA":  # a few steps on the 64x64 image, large enough to show
             node["inputs"].update(steps=3, resolution=0, learning_rate=1e-2)
+        elif node["class_type"] == "PromptEmbeddingInversion":
+            node["inputs"].update(steps=3, inner_iterations=2)
     return prompt
 
 
@@ -72,6 +74,10 @@ def without_style(prompt: dict) -> dict:
             while isinstance(value, list) and value[0] in bypassed:  # a style node fed by another one
                 value = node["inputs"][name] = bypassed[value[0]]
     references = ("StyleReferenceLatent", "StyleReferenceInversion")
+    for node in prompt.values():  # an edit without control: the target prompt sampled from the inverted latent
+        if node["class_type"] == "PromptToPromptEdit":
+            node["inputs"].update(tau_v=0.0, tau_c=0.0, tau_s=0.0, tau_u=0.0, blend_source_words="",
+                                  blend_target_words="")
     return {node_id: node for node_id, node in prompt.items() if node["class_type"] not in references}
 
 
@@ -132,3 +138,14 @@ def test_workflows_are_ui_format():
         data = json.loads(workflow.read_text())
         assert {"nodes", "links", "version"} <= set(data), workflow.name
         assert all("widgets_values" in node and "pos" in node for node in data["nodes"]), workflow.name
+
+
+def test_the_edit_workflow_reconstructs_the_image_with_its_own_prompt(engine):
+    prompt = for_test_models(load_workflow_as_api(REPO / "example_workflows" / "stylediffusion_edit_real_image.json"),
+                             "sd15")
+    (edit_id,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "PromptToPromptEdit"]
+    (inversion_id,) = [node_id for node_id, node in prompt.items() if node["class_type"] == "PromptEmbeddingInversion"]
+    prompt[edit_id]["inputs"].update(target_prompt=prompt[inversion_id]["inputs"]["source_prompt"], tau_v=1.0,
+                                     blend_source_words="", blend_target_words="")
+    edited, reconstruction = pixels(engine, engine.run(prompt))  # the two SaveImage nodes, edit first
+    assert np.abs(edited.astype(int) - reconstruction.astype(int)).max() <= 1
