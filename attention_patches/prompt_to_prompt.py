@@ -6,8 +6,8 @@ reconstruction) and the target (the edited prompt). Per step (EditStep), the tar
 - cross-attention maps (cond) become the source's mapped through the token alignment,
   P_t <- P_s A + P_t diag(b) (replace: A = mapper diag(w), b = 0; refine: A = select diag(alpha w),
   b = (1 - alpha) w; w: reweighting);
-- self-attention maps (cond, and for tau_u the uncond) become the source's, at the layers below the
-  finest resolution (the authors' "at most 32x32 queries" at 512 px).
+- self-attention maps (cond, and for tau_u the uncond) become the source's, at every attention level
+  but the finest (the authors' "at most 32x32 queries" at 512 px on SD1.5).
 
 No map is formed: (P_s A) V_t = P_s (A V_t), so an edited layer is one or two calls of the attention
 kernel, softmax(q_s k_s^T) (A v_t) [+ softmax(q_t k_t^T) (b v_t)]; the source's self-attention
@@ -92,7 +92,7 @@ class PromptToPromptAttention:
     attention: AttentionFunction
     cross: bool  # attn2 (cross-attention) or attn1
     edit: CrossAttentionEdit | None = None  # cross layers
-    self_replaced: bool = False  # attn1 below the finest level
+    self_replaced: bool = False  # attn1 at a level coarser than the finest attention level
     blend: BlendMaps | None = None  # cross layers the local blend reads
 
     def __call__(self, query, key, value, extra_options: dict) -> torch.Tensor:

@@ -84,11 +84,14 @@ def edit_model(model, inversion: StyleInversion, schedule: EditSchedule, edit: C
     maps = None if blend is None else BlendMaps(blend.words)
     patched = model.clone()
     patched.set_model_attn2_patch(ValueInputPatch(owner))
+    # self-attention maps are replaced at every attention level but the finest (the authors' "at most
+    # 32x32 queries" at 512 px on SD1.5; SDXL at 1024 px: its 32x32 level, not its 64x64 one)
+    finest = min(site.downsamplings for site in sites if site.depth > 0)
     for site in sites:
         for layer in site.layers():
-            # self-attention maps are replaced below the finest level (the authors': at most 32x32 at 512 px)
             patched.set_model_attn1_replace(
-                PromptToPromptAttention(owner, attention, cross=False, self_replaced=site.downsamplings >= 1), *layer)
+                PromptToPromptAttention(owner, attention, cross=False, self_replaced=site.downsamplings > finest),
+                *layer)
             patched.set_model_attn2_replace(
                 PromptToPromptAttention(owner, attention, cross=True, edit=edit,
                                         blend=maps if blend is not None and layer in blend.layers else None), *layer)

@@ -4,11 +4,9 @@ processors of tests/reference/prompt_to_prompt.py, on the twin UNets' shared ran
 
 The style inversion is built by hand (random top latent, scales around 1, shifts around 0) on the
 ddim_uniform schedule, and the token alignment is refine-like with reweighting: A and b both count.
-The taus put every control on in some step and off in a later one.
-
-SDXL is a strict xfail for now: the pack also replaces the self-attention maps at SDXL's finest
-attention level, which the authors' cut (<= 32x32 queries at 512 px, i.e. only below the finest
-attention level) leaves alone; everything else agrees there (see SDXL_SELF_LEVELS).
+The taus put every control on in some step and off in a later one. Self-attention maps are swapped
+below the finest attention level (the authors' <= 32x32 queries at 512 px on SD1.5; on SDXL its
+coarser level only).
 """
 
 import pytest
@@ -121,14 +119,7 @@ def independent(twins, inversion, prompts, source_map, own, taus=TAUS):
 
 
 
-SDXL_SELF_LEVELS = pytest.mark.xfail(strict=True, reason=(
-    "glue/prompt_to_prompt.py edit_model replaces self-attention where site.downsamplings >= 1, i.e. at "
-    "SDXL's finest attention level too (64x64 at 1024 px; the authors' cut is <= 32x32 queries); the "
-    "reference leaves the finest attention level alone. With the reference cut at the full latent instead "
-    "the pack matches to ~1e-6."))
-
-
-@pytest.mark.parametrize("twins", ["sd15", pytest.param("sdxl", marks=SDXL_SELF_LEVELS)], indirect=True)
+@pytest.mark.parametrize("twins", ["sd15", "sdxl"], indirect=True)
 def test_the_edit_matches_the_authors_controller_written_as_diffusers_processors(twins):
     inversion, prompts = hand_made_inversion(twins), pair_prompts(twins)
     source_map, own = refine_alignment()
