@@ -68,8 +68,9 @@ def wait_for_new_prompt(base: str, known: set, timeout: float) -> str:
 
 
 def visible_dialogs(page) -> list[str]:
+    """Dialogs and toasts on screen (the frontend reports a workflow that fails its schema in a toast)."""
     return page.evaluate(
-        """() => [...document.querySelectorAll('.p-dialog, [role=dialog]')]
+        """() => [...document.querySelectorAll('.p-dialog, [role=dialog], .p-toast-message')]
                 .filter(d => d.offsetParent !== null || d.getClientRects().length > 0)
                 .map(d => d.innerText.slice(0, 300))"""
     )
