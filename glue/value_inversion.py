@@ -6,7 +6,9 @@ Two runs in the guided-loop glue, each on a clone, so the input MODEL is never m
 2. the value-input loop: the cond prediction through the trainee (its weights frozen, the step's
    scale and shift reaching every cross-attention layer's value input through ValueInputPatch),
    the uncond prediction computed once per step without gradient (a calc-cond-batch function:
-   ComfyUI's own guidance, cfg functions included, combines them).
+   ComfyUI's own guidance, cfg functions included, combines them). What each step trains is either
+   the (scale, shift) itself or, with a CLIP vision model, the authors' mapping network from the
+   image's vision tokens (inversion/mapping_network.py).
 """
 
 from dataclasses import dataclass, field
@@ -23,7 +25,8 @@ from ..attention_patches.style_call import StyleOwner
 from ..attention_patches.value_input import SITE, ValueInput, ValueInputPatch
 from ..inversion.ddim import invert
 from ..inversion.style_inversion import StyleInversion
-from ..inversion.value_input import ValueInversionSettings, invert_value_inputs
+from ..inversion.mapping_network import NetworkModulation, mapping_network
+from ..inversion.value_input import DirectModulation, ValueInversionSettings, invert_value_inputs
 from .guided_loop import run_guided_loop
 from .lora_fit import freeze_weights, prediction_of, with_size
 from .style_call import install_style_call
@@ -119,6 +122,21 @@ def inversion_maps(model, positive, samples, sigmas, layers, max_bytes: int):
     return trajectory, maps
 
 
+def vision_tokens(clip_vision, image: torch.Tensor) -> torch.Tensor:
+    """The image's CLIP vision tokens (1, tokens, width), every token after the final layer norm, as
+    the authors' ln_post. ComfyUI's encode_image has no such output (a CLIP model norms only the class
+    token, for image_embeds): a SigLIP model's last_hidden_state is normed already, a CLIP one's goes
+    through the model's own post_layernorm here, any other encoder's is taken as it is."""
+    output = clip_vision.encode_image(image)
+    tokens = output["last_hidden_state"]
+    vision = getattr(getattr(clip_vision, "model", None), "vision_model", None)
+    norm = getattr(vision, "post_layernorm", None)
+    if isinstance(norm, torch.nn.Module) and not getattr(vision, "output_layernorm", False):
+        with torch.no_grad():
+            tokens = norm(tokens)
+    return tokens
+
+
 def inversion_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
     """The ascending schedule (from 0); ddim_uniform may give a step more than asked."""
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).flip(0)
@@ -126,8 +144,11 @@ def inversion_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
 
 def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor, steps: int, scheduler: str,
                                guidance: float, layers, settings: ValueInversionSettings, source_prompt: str,
-                               max_bytes: int = 4 << 30, on_iteration=None) -> tuple[torch.Tensor, StyleInversion]:
-    """(the reconstruction's latent, VAE space; the STYLE_INVERSION). samples: the image's latent."""
+                               max_bytes: int = 4 << 30, on_iteration=None,
+                               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, StyleInversion]:
+    """(the reconstruction's latent, VAE space; the STYLE_INVERSION). samples: the image's latent;
+    tokens: the image's CLIP vision tokens (1, n, width) to train the mapping network from, or None to
+    train each step's (scale, shift) directly."""
     prediction = prediction_of(model)  # eps or v on a discrete schedule: DDIM in sigma space holds
     check_free(model, layers)
     sampling = model.get_model_object("model_sampling")
@@ -146,7 +167,14 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
         trainee.set_model_sampler_calc_cond_batch_function(
             SplitGuidance(trainee.model_options.get("sampler_calc_cond_batch_function")))
         context = positive[0][0]
-        initial = (torch.ones(context.shape[1:]), torch.zeros(context.shape[1:]))
+        if tokens is not None:
+            tokens = tokens.detach().float().clone()  # out of inference mode: the network saves it for backward
+
+        def initial(x):
+            if tokens is None:
+                return DirectModulation(torch.ones(context.shape[1:]).to(x), torch.zeros(context.shape[1:]).to(x))
+            on_device = tokens.to(x.device)
+            return NetworkModulation(mapping_network(on_device, *context.shape[1:]), on_device)
 
         def loop(denoise, x, loop_sigmas, on_step):
             def step(x_i, sigma, parameters):
@@ -165,7 +193,7 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
 
             # c_in = 1 / sqrt(1 + sigma^2): diffusers' latent is ComfyUI's scaled by it
             result = invert_value_inputs(step, trajectory.sigmas.to(x), trajectory.latents.to(x), maps,
-                                         (initial[0].to(x), initial[1].to(x)), model_input_scale(sampling), settings,
+                                         initial(x), model_input_scale(sampling), settings,
                                          iteration_done)
             return result.reconstruction, result
 
@@ -177,7 +205,8 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
         {"steps": steps, "scheduler": scheduler, "guidance": guidance, "inner_iterations": settings.inner_iterations,
          "learning_rate": settings.learning_rate, "attention_weight": settings.attention_weight,
          "attention_target": settings.attention_target, "early_stop": settings.early_stop,
-         "layers": [list(layer) for layer in probe_layers], "prediction": prediction},
+         "layers": [list(layer) for layer in probe_layers], "prediction": prediction,
+         "mapping": "direct" if tokens is None else "clip_vision"},
         tuple(tuple(l) for l in result.losses))
     return reconstruction, inversion
 

@@ -9,6 +9,9 @@ learning rate base (1 - i / 100), a fresh optimiser per step warm-started from t
 parameters, the step ended early once its loss is below 1e-5 + 2e-5 i, and the next step starting
 from the latent the optimised step reaches (not the inversion's).
 
+What is trained is a modulation: the (scale, shift) tensors themselves (DirectModulation) or the
+authors' mapping network from the image's CLIP vision tokens (mapping_network.NetworkModulation).
+
 Latents are ComfyUI's sigma-space ones (x = x0 + sigma eps); the latent loss is taken on the
 diffusers latent x / sqrt(1 + sigma^2) (latent_scale), where the authors' loss and early-stop
 thresholds are stated.
@@ -17,6 +20,7 @@ thresholds are stated.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -73,6 +77,35 @@ def attention_loss(maps: dict, targets: dict) -> torch.Tensor:
                for layer in targets)
 
 
+class Modulation(Protocol):
+    """What a step trains: a fresh Adam over parameters() of warm_started(), values() its (scale, shift)."""
+
+    def warm_started(self) -> "Modulation":
+        """The next step's trainable copy, starting where this one ended."""
+
+    def parameters(self) -> list[torch.Tensor]: ...
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class DirectModulation:
+    """The step's (scale, shift), each (tokens, channels), are the parameters."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def warm_started(self) -> "DirectModulation":
+        return DirectModulation(self.scale.detach().clone().requires_grad_(True),
+                                self.shift.detach().clone().requires_grad_(True))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.scale, self.shift]
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale, self.shift
+
+
 @dataclass(frozen=True)
 class ValueInversionResult:
     parameters: list[tuple[torch.Tensor, torch.Tensor]]  # (scale, shift) per sampling step, noisiest first
@@ -81,27 +114,27 @@ class ValueInversionResult:
 
 
 def invert_value_inputs(step: StepFunction, sigmas: torch.Tensor, latents: torch.Tensor, maps: list[dict],
-                        initial: tuple[torch.Tensor, torch.Tensor], latent_scale: Callable[[torch.Tensor], torch.Tensor],
+                        initial: Modulation | tuple[torch.Tensor, torch.Tensor],
+                        latent_scale: Callable[[torch.Tensor], torch.Tensor],
                         settings: ValueInversionSettings,
                         on_iteration: Callable[[int, int, float], None] | None = None) -> ValueInversionResult:
     """sigmas (ascending from 0), latents and maps: a plain DDIM inversion (latents[k] at sigmas[k],
-    maps[k] the cond cross-attention maps of its step k); initial: the first step's (scale, shift).
-    on_iteration(step, iteration, loss) after each update."""
+    maps[k] the cond cross-attention maps of its step k); initial: the modulation the first step starts
+    from (a (scale, shift) pair: DirectModulation). on_iteration(step, iteration, loss) after each update."""
     steps = len(sigmas) - 1
     x = latents[steps]
-    scale, shift = initial
+    modulation = DirectModulation(*initial) if isinstance(initial, tuple) else initial
     learned, losses = [], []
     for i, j in enumerate(range(steps, 0, -1)):
         sigma, sigma_next = sigmas[j].to(x), sigmas[j - 1].to(x)
         target = latents[j - 1].to(x) * latent_scale(sigma_next)
         target_maps = maps[attention_target_index(settings, j, steps)] if settings.attention_weight else {}
-        scale = scale.detach().clone().requires_grad_(True)
-        shift = shift.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([scale, shift], lr=learning_rate_at(settings, i))
+        modulation = modulation.warm_started()
+        optimizer = torch.optim.Adam(modulation.parameters(), lr=learning_rate_at(settings, i))
         step_losses = []
         for iteration in range(iterations_at(settings, i)):
             with torch.enable_grad():
-                denoised, step_maps = step(x, sigma, (scale, shift))
+                denoised, step_maps = step(x, sigma, modulation.values())
                 reached = ddim_step(x, sigma, sigma_next, denoised) * latent_scale(sigma_next)
                 loss = torch.nn.functional.mse_loss(reached.float(), target.float())
                 if target_maps:
@@ -114,8 +147,8 @@ def invert_value_inputs(step: StepFunction, sigmas: torch.Tensor, latents: torch
                 on_iteration(i, iteration, step_losses[-1])
             if settings.early_stop and step_losses[-1] < stop_threshold(settings, i):
                 break
-        scale, shift = scale.detach(), shift.detach()
         with torch.no_grad():
+            scale, shift = (value.detach() for value in modulation.values())
             denoised, _ = step(x, sigma, (scale, shift))
             x = ddim_step(x, sigma, sigma_next, denoised)
         learned.append((scale, shift))

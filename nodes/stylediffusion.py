@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..attention_patches.layers import coarsest_level_layers
-from ..glue.value_inversion import inversion_sigmas, prompt_embedding_inversion
+from ..glue.value_inversion import inversion_sigmas, prompt_embedding_inversion, vision_tokens
 from ..inversion.style_inversion import load_style_inversion, save_style_inversion
 from ..inversion.value_input import ATTENTION_TARGETS, ValueInversionSettings, iterations_at
 from ..lora_fit.loss_plot import loss_plot
@@ -17,6 +17,19 @@ from .io_types import StyleInversion
 from .model_layers import latent_downscale, transformer_sites
 
 STYLE_INVERSION_SUFFIX = ".style-inversion.safetensors"
+
+
+def check_vision_input(clip_vision, image) -> None:
+    if clip_vision is not None and image is None:
+        raise ValueError("clip_vision: connected without image; connect the real image the latent was encoded "
+                         "from (IMAGE) to train the mapping network, or disconnect clip_vision to train each "
+                         "step's scale and shift directly")
+    if image is not None and clip_vision is None:
+        raise ValueError("image: connected without clip_vision; connect a CLIP vision model (Load CLIP Vision) "
+                         "to train the mapping network from the image, or disconnect image")
+    if image is not None and (image.ndim != 4 or image.shape[0] != 1):
+        raise ValueError(f"image: expected one image (a batch of 1, height, width, channels), the one the latent "
+                         f"was encoded from; got {tuple(image.shape)}")
 
 
 def check_latent(model, samples) -> None:
@@ -41,7 +54,9 @@ class PromptEmbeddingInversion(io.ComfyNode):
             "then, step by step from the noisiest, a per-token scale and shift of the prompt embedding that goes "
             "into the value projection of every cross-attention layer (keys keep the prompt, so its attention maps "
             "stay editable) is trained until guided sampling lands on the inversion's latents, the maps held to the "
-            "inversion's. Outputs the STYLE_INVERSION and the latent the learned steps reconstruct.",
+            "inversion's. With a CLIP vision model and the image, the scale and shift come from the authors' "
+            "mapping network of the image's CLIP vision tokens, trained instead. Outputs the STYLE_INVERSION and "
+            "the latent the learned steps reconstruct.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with (SD1.x, SD2.x, SDXL). Not modified."),
                 io.Clip.Input("clip", tooltip="Encodes the source prompt."),
@@ -69,6 +84,12 @@ class PromptEmbeddingInversion(io.ComfyNode):
                                  tooltip="End a step once its loss is below 1e-5 + 2e-5 i (authors' code)."),
                 io.Int.Input("max_megabytes", default=4096, min=1, max=1 << 20,
                              tooltip="Memory the inversion's attention maps may take on the CPU."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Optional (with image): a small network per step maps the image's "
+                                    "CLIP vision tokens to the scale and shift (the authors' variant, there "
+                                    "ViT-B/16); without it the scale and shift are trained directly."),
+                io.Image.Input("image", optional=True,
+                               tooltip="With clip_vision: the real image the latent was encoded from (one image)."),
             ],
             outputs=[
                 StyleInversion.Output(display_name="style_inversion"),
@@ -80,9 +101,11 @@ class PromptEmbeddingInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt, steps, scheduler, guidance, inner_iterations, learning_rate,
-                attention_weight, attention_target, early_stop, max_megabytes) -> io.NodeOutput:
+                attention_weight, attention_target, early_stop, max_megabytes, clip_vision=None,
+                image=None) -> io.NodeOutput:
         samples = latent["samples"]
         check_latent(model, samples)
+        check_vision_input(clip_vision, image)
         if not source_prompt.strip():
             raise ValueError("source_prompt: empty; describe what the image shows (edits change its words)")
         settings = ValueInversionSettings(inner_iterations=inner_iterations, learning_rate=learning_rate,
@@ -100,9 +123,10 @@ class PromptEmbeddingInversion(io.ComfyNode):
 
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(source_prompt))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        tokens = None if clip_vision is None else vision_tokens(clip_vision, image)
         reconstruction, inversion = prompt_embedding_inversion(
             model, positive, negative, samples, steps, scheduler, guidance, layers, settings, source_prompt,
-            max_megabytes << 20, on_iteration)
+            max_megabytes << 20, on_iteration, tokens)
         plot = loss_plot([step[-1] for step in inversion.losses],
                          f"PromptEmbeddingInversion: last loss of each of {len(planned)} steps "
                          f"({sum(map(len, inversion.losses))} iterations)")

@@ -6,10 +6,12 @@ a seed. Import this only after ComfyUI's folder is on sys.path.
 """
 
 import copy
+import json
 from dataclasses import dataclass
 
 import torch
 
+import comfy.clip_vision
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -229,3 +231,15 @@ def tiny_controlnet(unet_config: dict, seed: int = 0):
     randomize_parameters(control_model, seed + 3)
     return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device(),
                                        manual_cast_dtype=None)
+
+
+def tiny_clip_vision(path, projection_dim: int = 32, seed: int = 3, hidden_size: int = 32):
+    """A CLIP vision model of ComfyUI's own class from a small config written to path (a .json), random
+    weights: 32 px images in 16 px patches, so 5 tokens of hidden_size."""
+    config = {"hidden_act": "quick_gelu", "hidden_size": hidden_size, "image_size": 32, "intermediate_size": 64,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
+              "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16, "projection_dim": projection_dim}
+    path.write_text(json.dumps(config))
+    vision = comfy.clip_vision.ClipVisionModel(str(path))
+    randomize_parameters(vision.model, seed)
+    return vision

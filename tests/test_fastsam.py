@@ -1,7 +1,6 @@
 """FastSAM Loader / Segment: a random-weight FastSAM-architecture checkpoint through the real
 ultralytics loader, offline; segment selection by box, point, index and a word's cross-attention."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-import comfy.clip_vision
 import folder_paths
 import random_models
 import nodes
@@ -205,20 +203,9 @@ def test_the_text_prompt_picks_the_segment_the_words_cross_attention_covers(fast
         segment(fastsam, picture, "text", text="tiger", attention_maps=maps, clip=sd15.clip, attention_prompt=prompt)
 
 
-def tiny_clip_vision(path, projection_dim=32, seed=3):
-    """A CLIP vision model of ComfyUI's own class from a small config, random weights."""
-    config = {"hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
-              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2,
-              "num_channels": 3, "num_hidden_layers": 2, "patch_size": 16, "projection_dim": projection_dim}
-    path.write_text(json.dumps(config))
-    vision = comfy.clip_vision.ClipVisionModel(str(path))
-    random_models.randomize_parameters(vision.model, seed)
-    return vision
-
-
 def test_a_clip_vision_model_can_score_the_segments_for_the_words_instead(fastsam_folder, sdxl, tmp_path):
     (fastsam,) = run_node("FastSAMLoader", model_name="FastSAM-s.pt")
-    vision = tiny_clip_vision(tmp_path / "tiny_clip_vision.json")
+    vision = random_models.tiny_clip_vision(tmp_path / "tiny_clip_vision.json")
     picture = image(1, 64, 64)
     mask, _ = segment(fastsam, picture, "text", text="house, tree", clip=sdxl.clip, clip_vision=vision)
     segments = segments_module.largest_first(fastsam.segment((picture[0] * 255).round().byte().numpy(),
