@@ -43,6 +43,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/injection.py
 	$(PY) scripts/hosts.py run bench/masked_blend.py
 	$(PY) scripts/hosts.py run bench/value_inversion.py
+	$(PY) scripts/hosts.py run bench/prompt_to_prompt.py
 
 clean:
 	rm -rf $(VENV) .comfyui output

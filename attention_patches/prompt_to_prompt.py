@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionFunction, for_call
-from .attention_probe import attention_probabilities, attend
+from .attention_probe import attention_probabilities
 from .local_blend import BlendMaps, layer_spatial
 from .reference import StyleReferenceError, batch_chunks
 from .style_call import StyleOwner, style_call
@@ -126,7 +126,3 @@ class PromptToPromptAttention:
             return torch.cat([source, kernel(q[:1], k[:1], v[1:], heads, attn_precision=precision)])
         return torch.cat([source, kernel(q[1:], k[1:], v[1:], heads, attn_precision=precision)])
 
-
-def explicit_attention(query, key, value, heads: int, attn_precision=None, bias=None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with the maps formed (the tests' kernel)."""
-    return attend(attention_probabilities(query.float(), key.float(), heads).to(value.dtype), value)
