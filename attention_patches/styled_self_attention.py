@@ -1,6 +1,6 @@
 """The self-attention replacement installed at each selected layer: picks the reference, calls the method."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -8,8 +8,8 @@ import torch
 from .attention import AttentionFunction, for_call
 from .attention_maps import with_capture
 from .layers import SelfAttentionLayer
-from .reference import ReferenceFeatures, in_batch_references
-from .style_call import StyleOwner, style_call
+from .reference import ReferenceFeatures, batch_chunks, in_batch_references
+from .style_call import StyleCall, StyleOwner, style_call
 
 
 class StyleMethod(Protocol):
@@ -41,6 +41,7 @@ class StyledSelfAttention:
     owner: StyleOwner
     attention: AttentionFunction
     replaces: str = "attn1"  # or "attn2": the layer's cross-attention (plug-and-play's option)
+    cond_only: bool = False  # StyleKeeper: the uncond branch keeps plain attention
 
     @property
     def site(self) -> tuple:
@@ -57,6 +58,28 @@ class StyledSelfAttention:
             plain_keys = ("self",) if self.replaces == "attn1" else ("text",)
             attention = with_capture(kernel, self.layer, extra_options, plain_keys, query.shape[0], cond_or_uncond)
             return attention(query, key, value, heads, attn_precision=precision)
+        if self.cond_only and 1 in call.cond_or_uncond:
+            return self._cond_styled(query, key, value, extra_options, call, kernel, heads, precision)
+        return self._styled(query, key, value, extra_options, call, kernel, heads, precision)
+
+    def _cond_styled(self, query, key, value, extra_options, call: StyleCall, kernel, heads, precision):
+        """The cond chunks styled as one call of their own, the uncond chunks plain, in the call's order."""
+        chunks = batch_chunks(query.shape[0], call.cond_or_uncond)
+        cond = [chunk for chunk, kind in zip(chunks, call.cond_or_uncond) if kind == 0]
+        pieces = {}
+        if cond:
+            rows = torch.cat([torch.arange(c.start, c.stop) for c in cond]).to(query.device)
+            styled = self._styled(query[rows], key[rows], value[rows], extra_options,
+                                  replace(call, cond_or_uncond=(0,) * len(cond)), kernel, heads, precision)
+            pieces.update({c.start: styled[i * (c.stop - c.start):(i + 1) * (c.stop - c.start)]
+                           for i, c in enumerate(cond)})
+        for chunk, kind in zip(chunks, call.cond_or_uncond):
+            if kind != 0:
+                pieces[chunk.start] = kernel(query[chunk], key[chunk], value[chunk], heads, attn_precision=precision)
+        return torch.cat([pieces[chunk.start] for chunk in chunks])
+
+    def _styled(self, query, key, value, extra_options, call: StyleCall, kernel, heads, precision):
+        cond_or_uncond = call.cond_or_uncond
         store = call.store
         if store is not None:
             if store.recording:

@@ -106,8 +106,10 @@ def install_styled_self_attention(
     method: StyleMethod,
     owner: StyleOwner,
     patch: str = "attn1",
+    cond_only: bool = False,
 ) -> None:
-    """A StyledSelfAttention per layer as its attn1 (or, patch "attn2", cross-attention) replace patch."""
+    """A StyledSelfAttention per layer as its attn1 (or, patch "attn2", cross-attention) replace patch;
+    cond_only: the uncond chunks keep plain attention."""
     check_layers_are_free(model, layers, owner, patch)
     for layer in layers:
         styled = StyledSelfAttention(
@@ -116,6 +118,7 @@ def install_styled_self_attention(
             owner=owner,
             attention=KernelAttention.of(comfy.ldm.modules.attention.optimized_attention),
             replaces=patch,
+            cond_only=cond_only,
         )
         if patch == "attn1":
             model.set_model_attn1_replace(styled, *layer)

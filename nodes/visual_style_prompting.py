@@ -35,13 +35,19 @@ class VisualStylePrompting(io.ComfyNode):
                 ),
                 *schedule_inputs(),
                 reference_input(),
+                io.Boolean.Input(
+                    "cond_only", default=False,
+                    tooltip="StyleKeeper: swap in the conditional branch only; the unconditional branch keeps "
+                    "plain self-attention, so guidance pushes toward the style without the reference's content "
+                    "(the paper's (1 + w) eps_swap - w eps_empty is cfg = 1 + w). Off: both branches swap (VSP).",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(
-        cls, model, layers, custom_layers, strength, start_percent, end_percent, reference=None
+        cls, model, layers, custom_layers, strength, start_percent, end_percent, reference=None, cond_only=False
     ) -> io.NodeOutput:
         selected = resolve_layers(transformer_sites(model, "VisualStylePrompting"), layers, custom_layers)
         active_range = active_sigma_range(model, start_percent, end_percent)
@@ -51,6 +57,6 @@ class VisualStylePrompting(io.ComfyNode):
         if strength == 0.0:
             return io.NodeOutput(patched)
         owner = new_owner("VisualStylePrompting")
-        install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner)
+        install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner, cond_only=cond_only)
         install_style_call(patched, owner, reference, active_range)
         return io.NodeOutput(patched)

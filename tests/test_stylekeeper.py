@@ -1,0 +1,108 @@
+"""StyleKeeper's options of Visual Style Prompting (issue 17): the swap in the conditional branch only,
+the unconditional branch keeping plain self-attention, in every cond/uncond layout ComfyUI uses, and
+its parity with an independent implementation on the diffusers twin."""
+
+import pytest
+import torch
+
+from helpers import (attention_by_hand, batch_prompts, latent_reference, record_attention, relative_error,
+                     sample, selected_layers, self_attention_module, vsp, with_separate_cond_batches)
+from reference import vsp as reference_vsp
+from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
+from test_parity import (TOLERANCE, ExternalReferenceCase, assert_relative_close, comfy_sample, random_prompts,
+                         reference_sample, scale_factor, start_noise)
+from reference.models import twin_models
+
+LAYOUTS = {"together": lambda m: m, "separate": with_separate_cond_batches,
+           "reversed": lambda m: with_separate_cond_batches(m, reverse=True)}
+
+
+def chunks_by_kind(attn1_calls, attn2_calls, rows):
+    """[(kind, attn1 call, rows slice)] of every chunk: an uncond chunk's rows share one prompt ("")."""
+    chunks = []
+    for self_call, cross_call in zip(attn1_calls, attn2_calls):
+        for start in range(0, self_call["q"].shape[0], rows):
+            keys = cross_call["k"][start:start + rows]
+            kind = "uncond" if all(torch.equal(keys[0], k) for k in keys[1:]) else "cond"
+            chunks.append((kind, self_call, slice(start, start + rows)))
+    return chunks
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_in_batch_the_uncond_chunk_is_plain_and_the_cond_chunk_swaps(models, layout, cfg):
+    positive, negative = batch_prompts(models)
+    styled = LAYOUTS[layout](vsp(models.model, cond_only=True))
+    layer = selected_layers(vsp(models.model))[0]
+    heads = self_attention_module(models.model, layer).attn1.heads
+    with record_attention(models.model, layer) as attn1, record_attention(models.model, layer, "attn2") as attn2:
+        sample(styled, positive, negative, batch=3, steps=1, cfg=cfg)
+    chunks = chunks_by_kind(attn1, attn2, 3)
+    assert sorted(kind for kind, _, _ in chunks) == (["cond", "uncond"] if cfg > 1 else ["cond"])
+    for kind, call, rows in chunks:
+        q, k, v, out = (call[name][rows] for name in ("q", "k", "v", "out"))
+        if kind == "uncond":
+            expected = attention_by_hand(q, k, v, heads)
+        else:
+            expected = torch.cat([attention_by_hand(q[:1], k[:1], v[:1], heads),
+                                  attention_by_hand(q[1:], k[:1].expand(2, -1, -1), v[:1].expand(2, -1, -1), heads)])
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_with_an_external_reference_only_the_cond_targets_take_its_keys_and_values(models):
+    positive, negative = batch_prompts(models)  # three prompts: the cond chunk's rows differ
+    styled = vsp(models.model, reference=latent_reference(models), cond_only=True)
+    layer = selected_layers(styled)[-1]
+    heads = self_attention_module(styled, layer).attn1.heads
+    with record_attention(models.model, layer) as attn1, record_attention(models.model, layer, "attn2") as attn2:
+        sample(styled, positive, negative, batch=3, steps=1, cfg=4.0)
+    (reference_call, target_call), cross = attn1, attn2[1:]
+    assert reference_call["q"].shape[0] == 1 and target_call["q"].shape[0] == 6
+    chunks = chunks_by_kind([target_call], cross, 3)
+    assert sorted(kind for kind, _, _ in chunks) == ["cond", "uncond"]
+    for kind, call, rows in chunks:
+        q, k, v, out = (call[name][rows] for name in ("q", "k", "v", "out"))
+        keys, values = (k, v) if kind == "uncond" else (reference_call["k"].expand(3, -1, -1),
+                                                      reference_call["v"].expand(3, -1, -1))
+        torch.testing.assert_close(out.double(), attention_by_hand(q, keys, values, heads), rtol=1e-5, atol=1e-5)
+
+
+def test_off_is_todays_swap_and_on_differs(sd15):
+    positive, negative = batch_prompts(sd15)
+    both = sample(vsp(sd15.model), positive, negative, batch=3)
+    assert torch.equal(sample(vsp(sd15.model, cond_only=False), positive, negative, batch=3), both)
+    assert relative_error(sample(vsp(sd15.model, cond_only=True), positive, negative, batch=3), both) > 1e-3
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def twins(request):
+    return twin_models(request.param, seed=1)
+
+
+def test_cond_only_in_batch_sampling_parity(twins):
+    prompts, noise = random_prompts(twins, batch=3), start_noise(3)
+    ours = comfy_sample(vsp(twins.comfy_model, cond_only=True), prompts, 4, 4.0, noise)
+    unet = twins.diffusers_unet
+    reference_vsp.install(unet, self_attention_processor_names(unet, late_up_blocks(unet)), cond_only=True)
+    try:
+        expected = reference_sample(twins, prompts, noise)
+    finally:
+        unet.set_attn_processor(PlainProcessor())
+    assert_relative_close(ours * scale_factor(twins), expected, TOLERANCE)
+    both = comfy_sample(vsp(twins.comfy_model), prompts, 4, 4.0, noise)
+    assert relative_error(both * scale_factor(twins), expected) > 100 * TOLERANCE
+
+
+def test_cond_only_external_reference_sampling_parity(twins):
+    prompts, noise = random_prompts(twins, batch=2), start_noise(2)
+    case = ExternalReferenceCase(twins)
+    ours = comfy_sample(vsp(twins.comfy_model, reference=case.node_output, cond_only=True), prompts, 4, 4.0, noise)
+    unet = twins.diffusers_unet
+    external = reference_vsp.ExternalReference()
+    reference_vsp.install(unet, self_attention_processor_names(unet, late_up_blocks(unet)), external=external,
+                          cond_only=True)
+    try:
+        expected = reference_sample(twins, prompts, noise, lambda s: case.run_alone_before_each_call(s, external))
+    finally:
+        unet.set_attn_processor(PlainProcessor())
+    assert_relative_close(ours * scale_factor(twins), expected, TOLERANCE)
