@@ -33,6 +33,10 @@ class ExternalReference:
     def latent_shape(self) -> torch.Size:
         raise NotImplementedError
 
+    def clean_latent(self, base_model) -> torch.Tensor:
+        """The reference's clean latent in the model's space (colour calibration's statistics)."""
+        raise NotImplementedError
+
     def model_inputs(self, base_model, noisy: torch.Tensor) -> dict:
         """apply_model's keyword inputs (c_crossattn, y, ...) for the reference, batch 1."""
         conds = comfy.sampler_helpers.convert_cond(self.conditioning)
@@ -57,6 +61,9 @@ class LatentReference(ExternalReference):
     def latent_shape(self) -> torch.Size:
         return self.latent.shape
 
+    def clean_latent(self, base_model) -> torch.Tensor:
+        return base_model.process_latent_in(self.latent)
+
 
 @dataclass(frozen=True, kw_only=True)
 class InversionReference(ExternalReference):
@@ -69,3 +76,6 @@ class InversionReference(ExternalReference):
 
     def latent_shape(self) -> torch.Size:
         return self.trajectory.latents.shape[1:]
+
+    def clean_latent(self, base_model) -> torch.Tensor:
+        return self.trajectory.latents[0]  # the image's latent at sigma 0, in the model's space

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..attention_patches.kv_swap import KeyValueSwap
 from ..attention_patches.layers import LATE_SELF_ATTENTION, resolve_layers
 from .model_layers import active_sigma_range, transformer_sites
+from ..glue.color_calibration import install_color_calibration
 from ..glue.style_call import install_style_call
 from .style_inputs import (install_styled_self_attention, layer_inputs, new_owner, reference_input, schedule_inputs,
                            validate_reference)
@@ -41,19 +42,40 @@ class VisualStylePrompting(io.ComfyNode):
                     "plain self-attention, so guidance pushes toward the style without the reference's content "
                     "(the paper's (1 + w) eps_swap - w eps_empty is cfg = 1 + w). Off: both branches swap (VSP).",
                 ),
+                io.Boolean.Input(
+                    "calibrate_colors", default=False,
+                    tooltip="StyleKeeper: with a reference image, in a window of model timesteps the predicted clean "
+                    "latent takes the reference latent's per-channel mean and std over space, so its colours "
+                    "survive. Needs an external reference.",
+                ),
+                io.Int.Input(
+                    "calibration_timestep", default=150, min=1, max=999,
+                    tooltip="Colour calibration acts at model timesteps below this one (the authors' 150) ...",
+                ),
+                io.Int.Input(
+                    "calibration_length", default=50, min=1, max=999,
+                    tooltip="... and above it minus this many (the authors' 50: 150 > t > 100, three steps of a "
+                    "50-step DDIM run).",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(
-        cls, model, layers, custom_layers, strength, start_percent, end_percent, reference=None, cond_only=False
+        cls, model, layers, custom_layers, strength, start_percent, end_percent, reference=None, cond_only=False,
+        calibrate_colors=False, calibration_timestep=150, calibration_length=50,
     ) -> io.NodeOutput:
         selected = resolve_layers(transformer_sites(model, "VisualStylePrompting"), layers, custom_layers)
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
             validate_reference(reference, model, "reference")
+        if calibrate_colors and reference is None:
+            raise ValueError("calibrate_colors: needs a reference image (connect a Style Reference (Latent) or "
+                             "(Inversion) to reference); an in-batch reference has no image to take colours from")
         patched = model.clone()
+        if calibrate_colors:
+            install_color_calibration(patched, reference, calibration_timestep, calibration_length)
         if strength == 0.0:
             return io.NodeOutput(patched)
         owner = new_owner("VisualStylePrompting")

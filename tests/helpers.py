@@ -20,10 +20,10 @@ def encode(clip, text: str):
 
 
 def vsp(model, reference=None, layers="late_self_attention", custom_layers="", strength=1.0, start_percent=0.0,
-        end_percent=1.0, cond_only=False):
+        end_percent=1.0, cond_only=False, **calibration):
     (patched,) = run_node("VisualStylePrompting", model=model, layers=layers, custom_layers=custom_layers,
                           strength=strength, start_percent=start_percent, end_percent=end_percent,
-                          reference=reference, cond_only=cond_only)
+                          reference=reference, cond_only=cond_only, **calibration)
     return patched
 
 

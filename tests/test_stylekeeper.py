@@ -1,12 +1,15 @@
 """StyleKeeper's options of Visual Style Prompting (issue 17): the swap in the conditional branch only,
 the unconditional branch keeping plain self-attention, in every cond/uncond layout ComfyUI uses, and
-its parity with an independent implementation on the diffusers twin."""
+its parity with an independent implementation on the diffusers twin; colour calibration of the
+denoised prediction toward a reference image's latent statistics in a window of timesteps."""
 
 import pytest
 import torch
 
-from helpers import (attention_by_hand, batch_prompts, latent_reference, record_attention, relative_error,
-                     sample, selected_layers, self_attention_module, vsp, with_separate_cond_batches)
+from conftest import pack_submodule
+from helpers import (attention_by_hand, batch_prompts, encode, inversion_reference, invert, latent_reference,
+                     record_attention, relative_error, run_node, sample, selected_layers, self_attention_module, vsp,
+                     with_separate_cond_batches)
 from reference import vsp as reference_vsp
 from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
 from test_parity import (TOLERANCE, ExternalReferenceCase, assert_relative_close, comfy_sample, random_prompts,
@@ -106,3 +109,65 @@ def test_cond_only_external_reference_sampling_parity(twins):
     finally:
         unet.set_attn_processor(PlainProcessor())
     assert_relative_close(ours * scale_factor(twins), expected, TOLERANCE)
+
+
+calibration = pack_submodule("attention_patches.color_calibration")
+
+
+def test_channel_calibration_gives_the_reference_statistics_by_hand():
+    g = torch.Generator().manual_seed(0)
+    x0, reference = torch.randn(2, 4, 8, 8, generator=g) * 3 + 1, torch.randn(1, 4, 6, 10, generator=g) * 0.5 - 2
+    out = calibration.channel_calibrated(x0, reference)
+    torch.testing.assert_close(out.mean((-2, -1)), reference.mean((-2, -1)).expand(2, -1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.std((-2, -1)), reference.std((-2, -1)).expand(2, -1), rtol=1e-4, atol=1e-5)
+    # each image keeps its own layout: a per-channel affine map of itself
+    standardised = (x0 - x0.mean((-2, -1), keepdim=True)) / x0.std((-2, -1), keepdim=True)
+    torch.testing.assert_close((out - out.mean((-2, -1), keepdim=True)) / out.std((-2, -1), keepdim=True), standardised,
+                               rtol=1e-4, atol=1e-4)
+
+
+def recording_post_cfg(model, seen):
+    clone = model.clone()
+    clone.set_model_sampler_post_cfg_function(
+        lambda args: seen.append((float(args["sigma"][0]), args["denoised"].clone())) or args["denoised"])
+    return clone
+
+
+def timestep_of(model, sigma):
+    return float(model.get_model_object("model_sampling").timestep(torch.tensor(sigma)))
+
+
+def test_colour_calibration_acts_inside_its_window_only_and_is_off_by_default(sd15):
+    positive, negative = encode(sd15.clip, "a dog"), encode(sd15.clip, "")
+    reference = latent_reference(sd15)
+    before, after = [], []
+    model = recording_post_cfg(sd15.model, before)  # runs before the node's own post-CFG function
+    styled = recording_post_cfg(vsp(model, reference=reference, calibrate_colors=True), after)
+    sample(styled, positive, negative, batch=2, steps=50, scheduler="ddim_uniform", cfg=4.0)
+    clean = reference.clean_latent(styled.model)
+    inside = [t for t in (timestep_of(sd15.model, sigma) for sigma, _ in after) if 100 < t < 150]
+    assert len(inside) == 3  # 141, 121, 101 of a 50-step DDIM schedule
+    for (sigma, ours), (_, given) in zip(after, before):
+        if 100 < timestep_of(sd15.model, sigma) < 150:
+            torch.testing.assert_close(ours.mean((-2, -1)), clean.mean((-2, -1)).expand(2, -1), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours.std((-2, -1)), clean.std((-2, -1)).expand(2, -1), rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.equal(ours, given)
+    options = vsp(sd15.model, reference=reference).model_options
+    assert "sampler_post_cfg_function" not in options  # off by default: nothing installed
+
+
+def test_colour_calibration_needs_a_reference_image(sd15):
+    with pytest.raises(ValueError, match="calibrate_colors: needs a reference image"):
+        vsp(sd15.model, calibrate_colors=True)
+
+
+def test_the_clean_latent_of_either_reference_is_the_image_in_the_models_space(sd15):
+    image = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    expected = sd15.model.model.process_latent_in(image)
+    (latent_ref,) = run_node("StyleReferenceLatent", latent={"samples": image}, clip=sd15.clip, prompt="",
+                             reference_seed=0, cache_megabytes=0, cache_on_cpu=False)
+    _, trajectory = invert(sd15.model, image, encode(sd15.clip, ""), encode(sd15.clip, ""), 3)
+    inversion_ref = inversion_reference(sd15, trajectory)
+    for reference in (latent_ref, inversion_ref):
+        torch.testing.assert_close(reference.clean_latent(sd15.model.model), expected, rtol=1e-6, atol=1e-6)
