@@ -14,13 +14,14 @@ from .references import ExternalReference
 @dataclass(frozen=True)
 class ColorCalibration:
     reference: ExternalReference
-    sigma_low: float  # the window's sigmas, both ends excluded
-    sigma_high: float
+    timestep_low: float  # the window's model timesteps, both ends excluded
+    timestep_high: float
 
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
-        sigma = float(args["sigma"].flatten()[0])
-        if not self.sigma_low < sigma < self.sigma_high:
+        # the sampling model's own schedule at call time (a later ModelSampling node may have changed it)
+        timestep = float(args["model"].model_sampling.timestep(args["sigma"].flatten()[:1])[0])
+        if not self.timestep_low < timestep < self.timestep_high:
             return denoised
         reference = self.reference.clean_latent(args["model"]).to(denoised)
         return channel_calibrated(denoised, reference)
@@ -28,7 +29,5 @@ class ColorCalibration:
 
 def install_color_calibration(model, reference: ExternalReference, start_timestep: int, length: int) -> None:
     """On model (a clone): calibrate while start_timestep - length < t < start_timestep."""
-    sampling = model.get_model_object("model_sampling")
-    high = float(sampling.sigma(torch.tensor(float(start_timestep))))
-    low = float(sampling.sigma(torch.tensor(float(max(start_timestep - length, 0)))))
-    model.set_model_sampler_post_cfg_function(ColorCalibration(reference, low, high))
+    model.set_model_sampler_post_cfg_function(
+        ColorCalibration(reference, float(max(start_timestep - length, 0)), float(start_timestep)))

@@ -74,10 +74,10 @@ class VisualStylePrompting(io.ComfyNode):
             raise ValueError("calibrate_colors: needs a reference image (connect a Style Reference (Latent) or "
                              "(Inversion) to reference); an in-batch reference has no image to take colours from")
         patched = model.clone()
-        if calibrate_colors:
-            install_color_calibration(patched, reference, calibration_timestep, calibration_length)
         if strength == 0.0:
             return io.NodeOutput(patched)
+        if calibrate_colors:
+            install_color_calibration(patched, reference, calibration_timestep, calibration_length)
         owner = new_owner("VisualStylePrompting")
         install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner, cond_only=cond_only)
         install_style_call(patched, owner, reference, active_range)

@@ -155,6 +155,8 @@ def test_colour_calibration_acts_inside_its_window_only_and_is_off_by_default(sd
             assert torch.equal(ours, given)
     options = vsp(sd15.model, reference=reference).model_options
     assert "sampler_post_cfg_function" not in options  # off by default: nothing installed
+    off = vsp(sd15.model, reference=reference, strength=0.0, calibrate_colors=True).model_options
+    assert "sampler_post_cfg_function" not in off  # strength 0 is no style at all
 
 
 def test_colour_calibration_needs_a_reference_image(sd15):
