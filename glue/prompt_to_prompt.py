@@ -3,7 +3,7 @@ attention_patches/prompt_to_prompt.py, the local blend attention_patches/local_b
 
 The edit samples the source and the target prompt as one pair of batch rows from the inverted
 latent, on the inversion's schedule at its cfg, in the guided-loop glue (so LoRAs and model patches
-on the MODEL apply; the conditioning is the node's own, so no ControlNet yet): DDIM steps, the local blend after each step once it starts. One StyleCall
+on the MODEL apply, and a ControlNet the node copies onto its conditioning): DDIM steps, the local blend after each step once it starts. One StyleCall
 wrapper hands every layer the step's EditStep and value inputs (EditPlan); each attention layer of
 the UNet is replaced by a PromptToPromptAttention on a clone, so the input MODEL is never modified.
 """

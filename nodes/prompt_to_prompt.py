@@ -76,6 +76,20 @@ def blend_words(clip, prompts: dict, words: list[str]) -> torch.Tensor:
     return one_per_encoder(rows, "blend words")[0]
 
 
+TEXT_KEYS = ("pooled_output",)  # what the edit's own prompts decide
+
+
+def with_extras_of(conditioning, control, name: str):
+    """conditioning with the extras (a ControlNet, ...) of control's one entry; its text left out."""
+    if control is None:
+        return conditioning
+    if len(control) != 1:
+        raise ValueError(f"{name}: expected one conditioning entry (one prompt through Apply ControlNet), got "
+                         f"{len(control)}")
+    extras = {key: value for key, value in control[0][1].items() if key not in TEXT_KEYS}
+    return [[embedding, {**own, **extras}] for embedding, own in conditioning]
+
+
 def check_inversion(model, inversion, positive) -> None:
     channels = model.get_model_object("latent_format").latent_channels
     latents, width = inversion.trajectory.latents, positive[0][0].shape[-1]
@@ -134,13 +148,21 @@ class PromptToPromptEdit(io.ComfyNode):
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.05,
                                tooltip="Local blend: a region is where a word's attention is above this share "
                                "of its peak."),
+                io.Conditioning.Input("control_positive", optional=True,
+                                      tooltip="Optional: a conditioning that went through Apply ControlNet (or sets "
+                                      "other extras); its ControlNet and extras act on the edit's pair. Its text "
+                                      "is not used: the prompts above are."),
+                io.Conditioning.Input("control_negative", optional=True,
+                                      tooltip="Optional: the same for the empty prompt's branch (Apply ControlNet's "
+                                      "negative output)."),
             ],
             outputs=[io.Latent.Output(display_name="edited"), io.Latent.Output(display_name="reconstruction")],
         )
 
     @classmethod
     def execute(cls, model, clip, style_inversion, target_prompt, edit_mode, reweight, tau_v, tau_c, tau_s, tau_u,
-                blend_source_words, blend_target_words, blend_threshold) -> io.NodeOutput:
+                blend_source_words, blend_target_words, blend_threshold, control_positive=None,
+                control_negative=None) -> io.NodeOutput:
         if not target_prompt.strip():
             raise ValueError("target_prompt: empty; write the source prompt with the words you want changed")
         source_prompt = style_inversion.source_prompt
@@ -168,7 +190,8 @@ class PromptToPromptEdit(io.ComfyNode):
         samples = style_inversion.trajectory.top
         height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
         target = clip.encode_from_tokens_scheduled(clip.tokenize(target_prompt))
-        negative = with_size(clip.encode_from_tokens_scheduled(clip.tokenize("")), height, width)
-        pair = with_size(paired(positive, target), height, width)
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        pair = with_size(with_extras_of(paired(positive, target), control_positive, "control_positive"), height, width)
+        negative = with_size(with_extras_of(negative, control_negative, "control_negative"), height, width)
         out = run_edit(patched, style_inversion, pair, negative, blend, maps, model.get_model_object("latent_format"))
         return io.NodeOutput({"samples": out[1:]}, {"samples": out[:1]})

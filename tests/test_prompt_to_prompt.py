@@ -227,3 +227,25 @@ def test_sdxl_edits_with_both_tokenizers(sdxl):
     assert relative_error(source["samples"], reconstruction["samples"]) < 1e-4
     assert edited["samples"].shape == source["samples"].shape and torch.isfinite(edited["samples"]).all()
     assert relative_error(edited["samples"], source["samples"]) > 1e-4
+
+
+def test_a_controlnet_reaches_the_edit_through_its_control_conditioning(tame, inversion):
+    import nodes as comfy_nodes
+
+    style_inversion, _ = inversion
+    controlnet = random_models.tiny_controlnet(tame.model.model.model_config.unet_config, seed=0)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+        encode(tame.clip, "anything"), encode(tame.clip, ""), controlnet, hint, 1.0, 0.0, 1.0)
+    plain_edit, _ = edit(tame, style_inversion)
+    controlled = run_node("PromptToPromptEdit", model=tame.model, clip=tame.clip, style_inversion=style_inversion,
+                          target_prompt=TARGET, edit_mode="replace", reweight="", tau_v=0.5, tau_c=0.6, tau_s=0.6,
+                          tau_u=0.0, blend_source_words="", blend_target_words="", blend_threshold=0.3,
+                          control_positive=positive, control_negative=negative)[0]
+    assert torch.isfinite(controlled["samples"]).all()
+    assert relative_error(controlled["samples"], plain_edit["samples"]) > 1e-4  # the ControlNet acts
+    with pytest.raises(ValueError, match="control_positive: expected one conditioning entry"):
+        run_node("PromptToPromptEdit", model=tame.model, clip=tame.clip, style_inversion=style_inversion,
+                 target_prompt=TARGET, edit_mode="replace", reweight="", tau_v=0.5, tau_c=0.6, tau_s=0.6, tau_u=0.0,
+                 blend_source_words="", blend_target_words="", blend_threshold=0.3,
+                 control_positive=positive + positive)
