@@ -44,12 +44,10 @@ class EditPlan:
     _moved: dict = field(default_factory=dict, compare=False, repr=False)
 
     def step_index(self, sigma: float) -> int:
-        sigmas = self.inversion.sampling_sigmas()[:-1]
-        distance = (sigmas - sigma).abs()
-        index = int(distance.argmin())
-        if distance[index] > 1e-4 * max(1.0, abs(sigma)):
-            raise UnrecordedSigmaError(f"the edit runs on its inversion's {len(sigmas)} steps; the model was called "
-                                       f"at sigma {sigma:.5f}, which is not one of them")
+        index = self.inversion.step_index(sigma)
+        if index is None:
+            raise UnrecordedSigmaError(f"the edit runs on its inversion's {self.inversion.steps} steps; the model was "
+                                       f"called at sigma {sigma:.5f}, which is not one of them")
         return index
 
     def at(self, sigma: float, device, tag=None) -> dict:

@@ -35,14 +35,17 @@ class StyleInversion:
         """The descending schedule the learned steps run on (ends at 0)."""
         return self.trajectory.sigmas.flip(0)
 
-    def value_at(self, sigma: float, tolerance: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The (scale, shift) learned for the step that starts at sigma; None off the schedule."""
+    def step_index(self, sigma: float, tolerance: float = 1e-4) -> int | None:
+        """Which sampling step starts at sigma (0: the noisiest); None off the schedule."""
         sigmas = self.sampling_sigmas()[:-1]
         distance = (sigmas - sigma).abs()
         index = int(distance.argmin())
-        if distance[index] > tolerance * max(1.0, abs(sigma)):
-            return None
-        return self.scales[index], self.shifts[index]
+        return None if distance[index] > tolerance * max(1.0, abs(sigma)) else index
+
+    def value_at(self, sigma: float, tolerance: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (scale, shift) learned for the step that starts at sigma; None off the schedule."""
+        index = self.step_index(sigma, tolerance)
+        return None if index is None else (self.scales[index], self.shifts[index])
 
 
 def check_consistent(inversion: StyleInversion, where: str) -> StyleInversion:

@@ -22,6 +22,7 @@ LENGTH = 77  # one chunk: the learned value inputs are for the inverted prompt's
 def prompt_ids(clip, text: str, name: str) -> dict:
     """{encoder: (ids from the start token to the end token, each word's own ids)} on the model's tokenizers."""
     tokens, empty = clip.tokenize(text), clip.tokenize("")
+    alone = [clip.tokenize(word) for word in text.split()]  # each word tokenized once, for every encoder
     out = {}
     for encoder, chunks in tokens.items():
         chunks, blank = chunk_ids(chunks), chunk_ids(empty[encoder])[0]
@@ -29,7 +30,7 @@ def prompt_ids(clip, text: str, name: str) -> dict:
             raise TokenError(f"{name}: longer than one 77-token chunk; the inversion's value inputs cover one")
         end = blank[1]
         ids = chunks[0][:chunks[0].index(end, 1) + 1] if end in chunks[0][1:] else chunks[0]
-        words = [content_ids(chunk_ids(clip.tokenize(word)[encoder]), blank) for word in text.split()]
+        words = [content_ids(chunk_ids(word[encoder]), blank) for word in alone]
         if [t for word in words for t in word] != ids[1:-1]:
             raise TokenError(f"{name}: its words tokenize differently inside the prompt than alone; write plain "
                              "words separated by spaces (no (emphasis:1.2) or embeddings)")
