@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/masked_blend.py
 	$(PY) scripts/hosts.py run bench/value_inversion.py
 	$(PY) scripts/hosts.py run bench/prompt_to_prompt.py
+	$(PY) scripts/hosts.py run bench/stylekeeper.py
 
 clean:
 	rm -rf $(VENV) .comfyui output

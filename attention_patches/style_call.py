@@ -19,6 +19,7 @@ CALLS_OPTION = "style_attention_nodes.calls"  # {StyleOwner: StyleCall} of the s
 RECORDING_OPTION = "style_attention_nodes.recording_pass"  # the StyleOwner whose reference pass this call is
 NORM_SLOTS_OPTION = "style_attention_nodes.norm_slots"  # shared-norm slots filled for this call
 BRANCH_OPTION = "style_attention_nodes.branch"  # a masked blend's branch whose call this is (its weights differ)
+NEGATIVE_OPTION = "style_attention_nodes.negative"  # the StyleOwner whose negative (NVQG) branch this call is
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,14 @@ class StyleOwner:
 @dataclass(frozen=True)
 class StyleCall:
     """A style that is on in this model call: the call's cond/uncond layout, for an external
-    reference its features (recording during the reference's own pass, replaying after), and the
-    model timestep of the call for behaviours that follow the schedule (None where none asks)."""
+    reference its features (recording during the reference's own pass, replaying after), the
+    model timestep of the call for behaviours that follow the schedule (None where none asks), and
+    whether the call is the style's negative branch (StyleKeeper's negative visual query guidance)."""
 
     cond_or_uncond: tuple[int, ...]
     store: ReferenceFeatureStore | None
     timestep: float | None = None
+    negative: bool = False
 
 
 def style_call(extra_options: dict, owner: StyleOwner) -> StyleCall | None:

@@ -11,8 +11,8 @@ from ..attention_patches.feature_store import FeatureStore
 from ..attention_patches.reference import ReferenceFeatureStore
 from ..attention_patches.shared_norm import ModelCallSlot
 from ..attention_patches.sigma_range import SigmaRange
-from ..attention_patches.style_call import (BRANCH_OPTION, CALLS_OPTION, NORM_SLOTS_OPTION, RECORDING_OPTION, StyleCall,
-                                           StyleOwner)
+from ..attention_patches.style_call import (BRANCH_OPTION, CALLS_OPTION, NEGATIVE_OPTION, NORM_SLOTS_OPTION,
+                                           RECORDING_OPTION, StyleCall, StyleOwner)
 from .references import ExternalReference
 
 WRAPPER_KEY_PREFIX = "style_attention_nodes.style_call."
@@ -53,7 +53,8 @@ class StyleCallWrapper:
             store = ReferenceFeatureStore(recording=False, features=self.recorded.at(sigma, x.device))
         elif self.reference is not None:
             store = self._reference_features(executor, t[:1], sigma, x, transformer_options)
-        call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store, self._timestep(executor, t, sigma))
+        call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store, self._timestep(executor, t, sigma),
+                         negative=transformer_options.get(NEGATIVE_OPTION) == self.owner)
         options = dict(transformer_options)
         if layers_on:
             options[CALLS_OPTION] = {**transformer_options.get(CALLS_OPTION, {}), self.owner: call}

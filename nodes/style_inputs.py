@@ -107,18 +107,23 @@ def install_styled_self_attention(
     owner: StyleOwner,
     patch: str = "attn1",
     cond_only: bool = False,
+    negative_layers: list[SelfAttentionLayer] = (),
+    negative_method: StyleMethod | None = None,
 ) -> None:
     """A StyledSelfAttention per layer as its attn1 (or, patch "attn2", cross-attention) replace patch;
-    cond_only: the uncond chunks keep plain attention."""
-    check_layers_are_free(model, layers, owner, patch)
-    for layer in layers:
+    cond_only: the uncond chunks keep plain attention. negative_method acts in the style's negative
+    branch at negative_layers, styled or not (those not styled are plain outside that branch)."""
+    everywhere = list(layers) + [layer for layer in negative_layers if layer not in layers]
+    check_layers_are_free(model, everywhere, owner, patch)
+    for layer in everywhere:
         styled = StyledSelfAttention(
             layer=layer,
-            method=method,
+            method=method if layer in layers else None,
             owner=owner,
             attention=KernelAttention.of(comfy.ldm.modules.attention.optimized_attention),
             replaces=patch,
             cond_only=cond_only,
+            negative_method=negative_method if layer in negative_layers else None,
         )
         if patch == "attn1":
             model.set_model_attn1_replace(styled, *layer)

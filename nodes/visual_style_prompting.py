@@ -4,9 +4,11 @@ takes the reference's keys and values. Cross-attention is never touched."""
 from comfy_api.latest import io
 
 from ..attention_patches.kv_swap import KeyValueSwap
-from ..attention_patches.layers import LATE_SELF_ATTENTION, resolve_layers
+from ..attention_patches.layers import LATE_SELF_ATTENTION, all_layers, resolve_layers
+from ..attention_patches.query_swap import QuerySwap
 from .model_layers import active_sigma_range, transformer_sites
 from ..glue.color_calibration import install_color_calibration
+from ..glue.negative_query_guidance import install_negative_query_guidance
 from ..glue.style_call import install_style_call
 from .style_inputs import (install_styled_self_attention, layer_inputs, new_owner, reference_input, schedule_inputs,
                            validate_reference)
@@ -16,6 +18,21 @@ LAYERS_TOOLTIP = (
     "decoder's attention levels above its coarsest one (SDXL output blocks 3-5, as in the paper; SD1.5 "
     "output blocks 6-11). custom: the custom_layers list."
 )
+
+NVQG_LAYERS = ("style_layers", "other_layers", "all_layers")
+
+
+def negative_layers(every: list, styled: list, choice: str) -> list:
+    """Where the negative branch swaps queries: the styled layers (the issue's reading of the paper),
+    the others (an outside port's), or all."""
+    if choice not in NVQG_LAYERS:
+        raise ValueError(f"nvqg_layers: unknown choice {choice!r}; expected one of {', '.join(NVQG_LAYERS)}")
+    if choice == "style_layers":
+        return list(styled)
+    others = [layer for layer in every if layer not in styled]
+    if choice == "other_layers" and not others:
+        raise ValueError("nvqg_layers: other_layers is empty: layers already selects every self-attention layer")
+    return others if choice == "other_layers" else list(every)
 
 
 class VisualStylePrompting(io.ComfyNode):
@@ -57,6 +74,19 @@ class VisualStylePrompting(io.ComfyNode):
                     tooltip="... and above it minus this many (the authors' 50: 150 > t > 100, three steps of a "
                     "50-step DDIM run).",
                 ),
+                io.Float.Input(
+                    "nvqg_weight", default=0.0, min=0.0, max=20.0, step=0.05,
+                    tooltip="StyleKeeper's negative visual query guidance: a third, negative branch (the negative "
+                    "prompt with the targets' queries swapped for the reference's, simulating content leakage) "
+                    "subtracted as cfg_result - weight * (negative - unconditional). 0 is off and costs nothing; "
+                    "on, each step runs one more unconditional-sized batch. An external reference must have the "
+                    "output's size.",
+                ),
+                io.Combo.Input(
+                    "nvqg_layers", options=list(NVQG_LAYERS), default="style_layers",
+                    tooltip="Where the negative branch swaps queries: style_layers, the layers that swap keys and "
+                    "values; other_layers, every other self-attention layer; all_layers.",
+                ),
             ],
             outputs=[io.Model.Output()],
         )
@@ -64,9 +94,12 @@ class VisualStylePrompting(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, layers, custom_layers, strength, start_percent, end_percent, reference=None, cond_only=False,
-        calibrate_colors=False, calibration_timestep=150, calibration_length=50,
+        calibrate_colors=False, calibration_timestep=150, calibration_length=50, nvqg_weight=0.0,
+        nvqg_layers="style_layers",
     ) -> io.NodeOutput:
-        selected = resolve_layers(transformer_sites(model, "VisualStylePrompting"), layers, custom_layers)
+        sites = transformer_sites(model, "VisualStylePrompting")
+        selected = resolve_layers(sites, layers, custom_layers)
+        negative = negative_layers(all_layers(sites), selected, nvqg_layers) if nvqg_weight > 0 else []
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
             validate_reference(reference, model, "reference")
@@ -76,9 +109,12 @@ class VisualStylePrompting(io.ComfyNode):
         patched = model.clone()
         if strength == 0.0:
             return io.NodeOutput(patched)
+        owner = new_owner("VisualStylePrompting")
+        install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner, cond_only=cond_only,
+                                      negative_layers=negative, negative_method=QuerySwap())
+        install_style_call(patched, owner, reference, active_range)
+        if negative:  # before the calibration: that acts on the final prediction
+            install_negative_query_guidance(patched, owner, nvqg_weight, active_range, reference)
         if calibrate_colors:
             install_color_calibration(patched, reference, calibration_timestep, calibration_length)
-        owner = new_owner("VisualStylePrompting")
-        install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner, cond_only=cond_only)
-        install_style_call(patched, owner, reference, active_range)
         return io.NodeOutput(patched)

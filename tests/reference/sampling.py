@@ -90,13 +90,13 @@ def guided_eps(unet, latents, timestep, prompts: Prompts, cfg: float, before_cal
 
 
 @torch.no_grad()
-def ddim_sample(unet, scheduler, comfy_start_x, steps, prompts, cfg, before_call=None):
+def ddim_sample(unet, scheduler, comfy_start_x, steps, prompts, cfg, before_call=None, guide=guided_eps):
     """DDIM from ComfyUI's starting state (x = noise * sigma at the first timestep); returns x0."""
     scheduler.set_timesteps(steps)
     first = int(scheduler.timesteps[0])
     latents = comfy_to_diffusers_latent(comfy_start_x, sigma_of_timestep(scheduler, first))
     for timestep in scheduler.timesteps:
-        eps = guided_eps(unet, latents, timestep, prompts, cfg, before_call)
+        eps = guide(unet, latents, timestep, prompts, cfg, before_call)
         latents = scheduler.step(eps, timestep, latents, eta=0.0).prev_sample
     return latents
 
