@@ -31,7 +31,7 @@ $(VENV)/.installed: $(REQUIREMENTS) Makefile
 
 # the whole suite on each host (scripts/hosts.py says which host runs the end-to-end tests)
 test: $(VENV)/.installed $(CHROMIUM)
-	$(PY) scripts/hosts.py test
+	$(PY) scripts/hosts.py test --durations=15
 
 # demo and bench run on the newest host: ComfyUI 0.8.0 (0.3.75 without ../shared), or COMFYUI_DIR
 demo: $(VENV)/.installed

@@ -85,7 +85,9 @@ def check_layers_are_free(model: comfy.model_patcher.ModelPatcher, layers: list[
     for layer in layers:
         existing = replaced.get(layer)
         if isinstance(existing, StyledSelfAttention):
-            styled.setdefault(str(existing.owner), []).append(layer_name(*layer))
+            what = str(existing.owner) + (" (for its negative visual query guidance: see its nvqg_layers)"
+                                          if existing.method is None else "")
+            styled.setdefault(what, []).append(layer_name(*layer))
         elif existing is not None and not isinstance(existing, CapturingAttention):
             foreign.setdefault(type(existing).__name__, []).append(layer_name(*layer))
     for other, names in styled.items():

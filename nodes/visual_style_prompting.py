@@ -116,5 +116,5 @@ class VisualStylePrompting(io.ComfyNode):
         if negative:  # before the calibration: that acts on the final prediction
             install_negative_query_guidance(patched, owner, nvqg_weight, active_range, reference)
         if calibrate_colors:
-            install_color_calibration(patched, reference, calibration_timestep, calibration_length)
+            install_color_calibration(patched, reference, calibration_timestep, calibration_length, active_range)
         return io.NodeOutput(patched)

@@ -44,7 +44,7 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
-        elif node["class_type"] == "EmptyLatentImage":
+        elif node["class_type"] in ("EmptyLatentImage", "ImageScale"):  # a reference scaled to the output's size
             node["inputs"].update(width=64, height=64)
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion", "RecordContentFeatures"):
             node["inputs"]["steps"] = 3

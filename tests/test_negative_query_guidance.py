@@ -15,8 +15,8 @@ from reference.models import twin_models
 from reference.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
 from test_parity import TOLERANCE as PARITY
 from test_parity import ExternalReferenceCase, comfy_sample, random_prompts, scale_factor, start_noise
-from helpers import (assert_relative_close, attention_by_hand, batch_prompts, latent_reference, record_attention, relative_error, sample,
-                     selected_layers, self_attention_module, vsp)
+from helpers import (assert_relative_close, attention_by_hand, batch_prompts, latent_reference, record_attention,
+                     relative_error, sample, selected_layers, self_attention_module, style_aligned, vsp)
 
 WEIGHT = 1.5
 
@@ -140,6 +140,13 @@ def test_the_layer_choices(sd15):
         vsp(sd15.model, layers="all_self_attention", nvqg_weight=1.0, nvqg_layers="other_layers")
     with pytest.raises(ValueError, match="nvqg_layers: unknown choice 'early'"):
         vsp(sd15.model, nvqg_weight=1.0, nvqg_layers="early")
+    # the layers it takes for the negative branch alone are named as such to a node chained after it
+    others = vsp(sd15.model, nvqg_weight=1.0, nvqg_layers="other_layers")
+    first = [layer for layer in every if layer not in swapped][0]
+    with pytest.raises(ValueError, match=r"for its negative visual query guidance: see its nvqg_layers"):
+        style_aligned(others, layers="custom", custom_layers=".".join(map(str, first)), shared_group_norm="off")
+    style_aligned(vsp(sd15.model, nvqg_weight=1.0), layers="custom", custom_layers=".".join(map(str, first)),
+                  shared_group_norm="off")
 
 
 def test_an_external_reference_of_another_size_is_refused_by_name(sd15):

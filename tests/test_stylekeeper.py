@@ -173,3 +173,14 @@ def test_the_clean_latent_of_either_reference_is_the_image_in_the_models_space(s
     inversion_ref = inversion_reference(sd15, trajectory)
     for reference in (latent_ref, inversion_ref):
         torch.testing.assert_close(reference.clean_latent(sd15.model.model), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_empty_step_range_is_plain_sampling_with_calibration_and_nvqg_on(sd15):
+    positive, negative = encode(sd15.clip, "a dog"), encode(sd15.clip, "")
+    reference = latent_reference(sd15)
+    plain = sample(sd15.model, positive, negative, batch=2, steps=50, scheduler="ddim_uniform", cfg=4.0)
+    for start, end in ((0.5, 0.5), (0.0, 0.0)):
+        styled = vsp(sd15.model, reference=reference, start_percent=start, end_percent=end, cond_only=True,
+                     calibrate_colors=True, nvqg_weight=1.0)
+        assert torch.equal(sample(styled, positive, negative, batch=2, steps=50, scheduler="ddim_uniform", cfg=4.0),
+                           plain)
