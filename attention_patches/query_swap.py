@@ -23,5 +23,6 @@ class QuerySwap:
         if reference.query.shape[1:] != query.shape[1:]:
             raise StyleReferenceError(
                 f"nvqg_weight: the reference has {reference.query.shape[1]} tokens at this layer and the targets "
-                f"{query.shape[1]}; swapping queries needs a reference latent of the generated latent's size")
+                f"{query.shape[1]}; swapping queries needs a reference latent of the generated latent's size and "
+                "a negative prompt over the whole image (no area or mask bounds)")
         return attention(reference.query.expand(query.shape[0], -1, -1), key, value, heads, attn_precision=attn_precision)

@@ -1,14 +1,13 @@
 """StyleKeeper's colour calibration in ComfyUI: a post-CFG function that gives the guided denoised
 prediction (every row: with an external reference all rows are targets) the reference's clean latent's
 per-channel statistics, in the authors' window of model timesteps (strictly between start - length and
-start: their code's 150 > t > 100), within the style's start/end percent."""
+start: their code's 150 > t > 100)."""
 
 from dataclasses import dataclass
 
 import torch
 
 from ..attention_patches.color_calibration import channel_calibrated
-from ..attention_patches.sigma_range import SigmaRange
 from .references import ExternalReference
 
 
@@ -17,12 +16,9 @@ class ColorCalibration:
     reference: ExternalReference
     timestep_low: float  # the window's model timesteps, both ends excluded
     timestep_high: float
-    active_range: SigmaRange  # the style's own steps (start/end percent): outside them, no style at all
 
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
-        if not self.active_range.contains(float(args["sigma"].flatten()[0])):
-            return denoised
         # the sampling model's own schedule at call time (a later ModelSampling node may have changed it)
         timestep = float(args["model"].model_sampling.timestep(args["sigma"].flatten()[:1])[0])
         if not self.timestep_low < timestep < self.timestep_high:
@@ -31,8 +27,7 @@ class ColorCalibration:
         return channel_calibrated(denoised, reference)
 
 
-def install_color_calibration(model, reference: ExternalReference, start_timestep: int, length: int,
-                              active_range: SigmaRange) -> None:
-    """On model (a clone): calibrate while start_timestep - length < t < start_timestep, within active_range."""
+def install_color_calibration(model, reference: ExternalReference, start_timestep: int, length: int) -> None:
+    """On model (a clone): calibrate while start_timestep - length < t < start_timestep."""
     model.set_model_sampler_post_cfg_function(
-        ColorCalibration(reference, float(max(start_timestep - length, 0)), float(start_timestep), active_range))
+        ColorCalibration(reference, float(max(start_timestep - length, 0)), float(start_timestep)))

@@ -59,6 +59,19 @@ def merge_object_patches(blended, branch, base, name: str) -> None:
                 f"replaces it too ({type(current).__name__}); only this pack's content injections share a layer")
 
 
+def check_no_guidance_of_its_own(name: str, branch, base) -> None:
+    """CFG runs once, on the fused prediction, with the base's functions: a branch's own post-CFG
+    function (StyleKeeper's NVQG or colour calibration on a style node) would be lost silently."""
+    theirs = branch.model_options.get("sampler_post_cfg_function", [])
+    mine = base.model_options.get("sampler_post_cfg_function", [])
+    added = theirs[len(mine):]  # a clone's list starts with (copies of) the base's: ModelPatcher.clone deep-copies
+    if added:
+        raise BlendError(
+            f"{name}: its model adds a post-CFG function ({type(added[0]).__name__}: e.g. Visual Style Prompting's "
+            "nvqg_weight or calibrate_colors) that a blend cannot keep (CFG runs once, on the fused prediction): "
+            "turn it off on that branch, or put that node on the base model before the blend")
+
+
 def masked_style_blend(base, branches: list[tuple[str, str, object, object, str, object]]):
     """base MODEL and (model input, mask input, styled MODEL, MASK, edge rule, its own prompt's
     embedding or None) per branch -> the blend."""
@@ -69,6 +82,7 @@ def masked_style_blend(base, branches: list[tuple[str, str, object, object, str,
             raise BlendError(
                 f"{name}: this model is not the base model's UNet (another checkpoint, or loaded separately); "
                 "a branch is the base MODEL with a LoRA or style nodes after it, so that one copy of the UNet serves all")
+        check_no_guidance_of_its_own(name, model, base)
     blended = base.clone()
     for key in list(blended.wrappers.get(APPLY_MODEL, {})):
         blended.remove_wrappers_with_key(APPLY_MODEL, key)
@@ -97,6 +111,12 @@ def masked_style_blend(base, branches: list[tuple[str, str, object, object, str,
             raise BlendError(str(error)) from None
         blended.add_object_patch(path, stand_in if current is None else current.with_layer(stand_in))
     blended.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, copies)
+    for _, _, model, _, _, _ in branches:  # the branches' style nodes release what they hold with the blend
+        for kind in (comfy.patcher_extension.CallbacksMP.ON_DETACH, comfy.patcher_extension.CallbacksMP.ON_CLEANUP):
+            for key, callbacks in model.callbacks.get(kind, {}).items():
+                if key not in blended.callbacks.get(kind, {}):
+                    for callback in callbacks:
+                        blended.add_callback_with_key(kind, key, callback)
     wrapper = MaskedBlendWrapper(
         base_options=own_transformer_options(base),
         static_keys=frozenset(topts) | {"wrappers", "callbacks"},

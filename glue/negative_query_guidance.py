@@ -33,7 +33,7 @@ class NegativeVisualQueryGuidance:
     owner: StyleOwner
     weight: float
     active_range: SigmaRange
-    reference: ExternalReference | None  # None: in-batch, latent item 0 is the reference
+    reference_size: tuple[int, int] | None  # an external reference latent's (height, width); None: in-batch
 
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
@@ -45,8 +45,8 @@ class NegativeVisualQueryGuidance:
                 f"nvqg_weight: {self.owner}'s negative visual query guidance needs the unconditional branch, and "
                 "this guider runs none (connect a negative conditioning to a CFG sampler, or set nvqg_weight to 0)")
         x = args["input"]
-        if self.reference is not None and tuple(self.reference.latent_shape()[-2:]) != tuple(x.shape[-2:]):
-            height, width = self.reference.latent_shape()[-2:]
+        if self.reference_size is not None and self.reference_size != tuple(x.shape[-2:]):
+            height, width = self.reference_size
             raise NegativeGuidanceError(
                 f"nvqg_weight: the reference latent is {height}x{width} and the generated latent "
                 f"{x.shape[-2]}x{x.shape[-1]}; negative visual query guidance gives the targets the reference's "
@@ -56,7 +56,7 @@ class NegativeVisualQueryGuidance:
         # index 1 of the list: ComfyUI marks the pass as unconditional (cond_or_uncond [1])
         negative = comfy.samplers.calc_cond_batch(args["model"], [None, args["uncond"]], x, sigma, options)[1]
         correction = self.weight * (negative - args["uncond_denoised"])
-        if self.reference is None:
+        if self.reference_size is None:
             correction[:1] = 0.0  # the in-batch reference row keeps its plain guidance
         return denoised - correction
 
@@ -64,5 +64,6 @@ class NegativeVisualQueryGuidance:
 def install_negative_query_guidance(model, owner: StyleOwner, weight: float, active_range: SigmaRange,
                                     reference: ExternalReference | None) -> None:
     """On model (a clone); the unconditional branch must also run at cfg 1, where ComfyUI skips it."""
+    size = None if reference is None else tuple(int(side) for side in reference.latent_shape()[-2:])
     model.set_model_sampler_post_cfg_function(
-        NegativeVisualQueryGuidance(owner, weight, active_range, reference), disable_cfg1_optimization=True)
+        NegativeVisualQueryGuidance(owner, weight, active_range, size), disable_cfg1_optimization=True)

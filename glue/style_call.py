@@ -38,6 +38,9 @@ class StyleCallWrapper:
     with_timestep: bool = False  # StyleCalls carry the model timestep
     recorded: FeatureStore | None = None  # the reference's features recorded by another run: no pass here
     _timesteps: dict = field(default_factory=dict, compare=False, repr=False)
+    # the current step's reference features, for the step's other model calls (cond and uncond run
+    # apart, the negative branch) whatever the cache holds; dropped when sampling ends (ForgetStep)
+    _step: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # another node's reference pass, or outside this style's steps: its layers find no StyleCall
@@ -79,9 +82,13 @@ class StyleCallWrapper:
         base_model = executor.class_obj
         # the loaded weights, and which masked-blend branch's deltas act on them in this call
         weights = (getattr(base_model, "current_weight_patches_uuid", None), transformer_options.get(BRANCH_OPTION))
+        step = (sigma_value, weights, x.device)
+        if self._step.get("key") == step:
+            return ReferenceFeatureStore(recording=False, features=self._step["features"])
         if self.cache is not None:
             cached = self.cache.get(sigma_value, x.device, tag=weights)
             if cached is not None:
+                self._step.update(key=step, features=cached)
                 return ReferenceFeatureStore(recording=False, features=cached)
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
         inputs = self.reference.model_inputs(base_model, reference_x)
@@ -100,6 +107,7 @@ class StyleCallWrapper:
                 slot.current = current
         if self.cache is not None:
             self.cache.put(sigma_value, store.features, tag=weights)
+        self._step.update(key=step, features=store.features)
         return store.replay()
 
 
@@ -127,11 +135,22 @@ def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwne
     """The wrapper (and, with a cache, its unload callback) under keys of this node's own."""
     cache = None if reference is None else reference.new_cache()
     key = f"{WRAPPER_KEY_PREFIX}{owner.node_id}.{owner.uid}"
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
-                               StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range,
-                                                with_timestep, recorded))
+    wrapper = StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range, with_timestep, recorded)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+    if reference is not None:
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, ForgetStep(wrapper._step))
     if cache is not None:
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, ClearOnUnload(cache))
+
+
+@dataclass(frozen=True, eq=False)
+class ForgetStep:
+    """ModelPatcher cleanup callback (after each sampling run): the last step's reference features go."""
+
+    step: dict
+
+    def __call__(self, patcher) -> None:
+        self.step.clear()
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ def validate_reference(reference: ExternalReference, model: comfy.model_patcher.
 
 
 def check_layers_are_free(model: comfy.model_patcher.ModelPatcher, layers: list[SelfAttentionLayer],
-                          owner: StyleOwner, patch: str = "attn1") -> None:
+                          owner: StyleOwner, patch: str = "attn1", input_name: str = "layers",
+                          remedy: str = "give the two nodes disjoint layers (layers: custom)") -> None:
     """A layer styled by an earlier node of this pack, or replaced by another pack, is refused with
     both named; an attention-map capture placed earlier is taken over (the styled layer records)."""
     replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(patch, {})
@@ -85,19 +86,19 @@ def check_layers_are_free(model: comfy.model_patcher.ModelPatcher, layers: list[
     for layer in layers:
         existing = replaced.get(layer)
         if isinstance(existing, StyledSelfAttention):
-            what = str(existing.owner) + (" (for its negative visual query guidance: see its nvqg_layers)"
-                                          if existing.method is None else "")
-            styled.setdefault(what, []).append(layer_name(*layer))
+            other = str(existing.owner) + (" (for its negative visual query guidance: see its nvqg_layers)"
+                                           if existing.method is None else "")
+            styled.setdefault(other, []).append(layer_name(*layer))
         elif existing is not None and not isinstance(existing, CapturingAttention):
             foreign.setdefault(type(existing).__name__, []).append(layer_name(*layer))
     for other, names in styled.items():
         raise LayerConflictError(
-            f"layers: {owner} would restyle {', '.join(names)}, which {other} earlier in this chain already "
-            f"styles; each layer takes one style node: give the two nodes disjoint layers (layers: custom)"
+            f"{input_name}: {owner} would restyle {', '.join(names)}, which {other} earlier in this chain already "
+            f"styles; each layer takes one style node: {remedy}"
         )
     for patch_type, names in foreign.items():
         raise LayerConflictError(
-            f"layers: {', '.join(names)} already have their {what} replaced by another node ({patch_type}); "
+            f"{input_name}: {', '.join(names)} already have their {what} replaced by another node ({patch_type}); "
             f"{owner} would overwrite it: choose other layers, or apply {owner} before that node"
         )
 
@@ -115,8 +116,11 @@ def install_styled_self_attention(
     """A StyledSelfAttention per layer as its attn1 (or, patch "attn2", cross-attention) replace patch;
     cond_only: the uncond chunks keep plain attention. negative_method acts in the style's negative
     branch at negative_layers, styled or not (those not styled are plain outside that branch)."""
-    everywhere = list(layers) + [layer for layer in negative_layers if layer not in layers]
-    check_layers_are_free(model, everywhere, owner, patch)
+    negative_only = [layer for layer in negative_layers if layer not in layers]
+    check_layers_are_free(model, layers, owner, patch)
+    check_layers_are_free(model, negative_only, owner, patch, "nvqg_layers",
+                          "set nvqg_layers to style_layers, or give the other node other layers")
+    everywhere = list(layers) + negative_only
     for layer in everywhere:
         styled = StyledSelfAttention(
             layer=layer,

@@ -107,7 +107,7 @@ class VisualStylePrompting(io.ComfyNode):
             raise ValueError("calibrate_colors: needs a reference image (connect a Style Reference (Latent) or "
                              "(Inversion) to reference); an in-batch reference has no image to take colours from")
         patched = model.clone()
-        if strength == 0.0:
+        if strength == 0.0 or active_range.sigma_start == active_range.sigma_end:  # no style at all: nothing
             return io.NodeOutput(patched)
         owner = new_owner("VisualStylePrompting")
         install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner, cond_only=cond_only,
@@ -116,5 +116,5 @@ class VisualStylePrompting(io.ComfyNode):
         if negative:  # before the calibration: that acts on the final prediction
             install_negative_query_guidance(patched, owner, nvqg_weight, active_range, reference)
         if calibrate_colors:
-            install_color_calibration(patched, reference, calibration_timestep, calibration_length, active_range)
+            install_color_calibration(patched, reference, calibration_timestep, calibration_length)
         return io.NodeOutput(patched)

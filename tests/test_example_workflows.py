@@ -45,7 +45,7 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
         elif node["class_type"] in ("EmptyLatentImage", "ImageScale"):  # a reference scaled to the output's size
-            node["inputs"].update(width=64, height=64)
+            node["inputs"].update(width=TEST_SIDE, height=TEST_SIDE)
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion", "RecordContentFeatures"):
             node["inputs"]["steps"] = 3
         elif node["class_type"] == "FitStyleLoRA":  # a few steps on the 64x64 image, large enough to show

@@ -109,6 +109,10 @@ def test_masks_off_everywhere_are_the_base_and_on_everywhere_the_branch_over_a_w
                        run(styled, positive, negative, steps=3))
     lora_everywhere = run(blend(sd15.model, (lora_branch, everywhere)), positive, negative, steps=3)
     assert relative_error(lora_everywhere, run(lora_branch, positive, negative, steps=3)) < 1e-5
+    # the branch's style node releases its last step's reference features when the blend's run ends
+    from test_reference_cache import reference_pass_of
+    run(blend(sd15.model, (styled, everywhere)), positive, negative, steps=1)
+    assert reference_pass_of(styled)._step == {}
 
 
 def test_soft_masks_composite_in_order_and_the_last_wins_where_hard_masks_overlap(sd15, lora_branch):
@@ -254,6 +258,10 @@ def test_bad_inputs_are_named(sd15, sdxl, lora_branch):
     sampling.add_object_patch("model_sampling", sd15.model.get_model_object("model_sampling"))
     with pytest.raises(ValueError, match="styled_model_1: its model replaces model_sampling"):
         blend(sd15.model, (sampling, mask))
+    guided = vsp(sd15.model, nvqg_weight=1.0)  # a branch's own guidance would be lost: refused
+    with pytest.raises(ValueError, match=r"styled_model_1: its model adds a post-CFG function \(NegativeVisualQuery"):
+        blend(sd15.model, (guided, mask))
+    blend(guided, (vsp(guided, layers="custom", custom_layers="input.1"), mask))  # the base's own is kept
     assert torch.equal(run(sd15.model, positive, negative), run(sd15.model, positive, negative))
 
 

@@ -16,7 +16,8 @@ from reference.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
 from test_parity import TOLERANCE as PARITY
 from test_parity import ExternalReferenceCase, comfy_sample, random_prompts, scale_factor, start_noise
 from helpers import (assert_relative_close, attention_by_hand, batch_prompts, latent_reference, record_attention,
-                     relative_error, sample, selected_layers, self_attention_module, style_aligned, vsp)
+                     relative_error, sample, selected_layers, self_attention_module, style_aligned, vsp,
+                     with_separate_cond_batches)
 
 WEIGHT = 1.5
 
@@ -61,10 +62,18 @@ def branch(args, index, options):
     return comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"], options)[index]
 
 
-@pytest.mark.parametrize("cfg", [4.0, 1.0])
-@pytest.mark.parametrize("nvqg_layers", ["style_layers", "other_layers"])
-@pytest.mark.parametrize("cond_only", [True, False])
-def test_the_guided_prediction_is_the_formula_of_three_separately_run_branches(models, cfg, nvqg_layers, cond_only):
+LAYOUTS = {"together": lambda m: m, "separate": with_separate_cond_batches,
+           "reversed": lambda m: with_separate_cond_batches(m, reverse=True)}
+
+
+@pytest.mark.parametrize("cfg, nvqg_layers, cond_only, layout", [
+    (4.0, "style_layers", True, "together"), (1.0, "style_layers", True, "together"),
+    (4.0, "other_layers", True, "together"), (1.0, "other_layers", True, "together"),
+    (4.0, "style_layers", False, "together"), (1.0, "style_layers", False, "together"),
+    (4.0, "other_layers", False, "together"), (1.0, "other_layers", False, "together"),
+    (4.0, "style_layers", True, "separate"), (4.0, "other_layers", False, "reversed")])
+def test_the_guided_prediction_is_the_formula_of_three_separately_run_branches(models, cfg, nvqg_layers, cond_only,
+                                                                                layout):
     positive, negative = batch_prompts(models)
     swapped = selected_layers(vsp(models.model))
     every = selected_layers(vsp(models.model, nvqg_weight=WEIGHT, nvqg_layers="all_layers"))
@@ -86,8 +95,8 @@ def test_the_guided_prediction_is_the_formula_of_three_separately_run_branches(m
         return expected, relative_error(expected, guided)
 
     before, after = [], []
-    styled = recorder(vsp(recorder(models.model, before, three_branches), cond_only=cond_only, nvqg_weight=WEIGHT,
-                          nvqg_layers=nvqg_layers), after)
+    styled = recorder(vsp(recorder(LAYOUTS[layout](models.model), before, three_branches), cond_only=cond_only,
+                          nvqg_weight=WEIGHT, nvqg_layers=nvqg_layers), after)
     sample(styled, positive, negative, batch=3, steps=2, cfg=cfg)
     assert len(before) == len(after) == 2
     for (expected, _), result in zip(before, after):
@@ -147,6 +156,11 @@ def test_the_layer_choices(sd15):
         style_aligned(others, layers="custom", custom_layers=".".join(map(str, first)), shared_group_norm="off")
     style_aligned(vsp(sd15.model, nvqg_weight=1.0), layers="custom", custom_layers=".".join(map(str, first)),
                   shared_group_norm="off")
+    # and the other way round: a layer styled earlier is refused to the negative branch by its own input
+    with pytest.raises(ValueError, match=r"nvqg_layers: VisualStylePrompting would restyle .*StyleAlignedAttention "
+                                         r"earlier .*set nvqg_layers to style_layers"):
+        vsp(style_aligned(sd15.model, layers="custom", custom_layers=".".join(map(str, first)),
+                          shared_group_norm="off"), nvqg_weight=1.0, nvqg_layers="all_layers")
 
 
 def test_an_external_reference_of_another_size_is_refused_by_name(sd15):
@@ -224,3 +238,19 @@ def test_external_reference_sampling_parity_with_the_other_layers_and_both_branc
     others = [name for name in all_self_attention(unet) if name not in swapped]
     expected = reference_nvqg_sample(twins, prompts, noise, swapped, others, cond_only=False, case=case)
     assert_relative_close(ours * scale_factor(twins), expected, PARITY)
+
+
+@pytest.mark.parametrize("cache_megabytes", [0, 2048])
+def test_the_reference_runs_once_per_step_for_all_its_calls_whatever_the_cache(sd15, cache_megabytes):
+    from test_reference_cache import counting_reference_passes, reference_pass_of
+
+    positive, negative = batch_prompts(sd15)
+    reference = latent_reference(sd15, cache_megabytes=cache_megabytes)
+    styled = with_separate_cond_batches(vsp(sd15.model, reference=reference, nvqg_weight=WEIGHT))
+    calls, handle = counting_reference_passes(styled)
+    try:
+        sample(styled, positive, negative, steps=3)  # per step: cond, uncond and the negative branch apart
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    assert not reference_pass_of(styled)._step  # the last step's features are dropped after sampling

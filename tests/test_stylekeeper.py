@@ -175,12 +175,20 @@ def test_the_clean_latent_of_either_reference_is_the_image_in_the_models_space(s
         torch.testing.assert_close(reference.clean_latent(sd15.model.model), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_an_empty_step_range_is_plain_sampling_with_calibration_and_nvqg_on(sd15):
+def test_an_empty_step_range_is_plain_sampling_and_calibration_keeps_its_own_window(sd15):
     positive, negative = encode(sd15.clip, "a dog"), encode(sd15.clip, "")
     reference = latent_reference(sd15)
-    plain = sample(sd15.model, positive, negative, batch=2, steps=50, scheduler="ddim_uniform", cfg=4.0)
-    for start, end in ((0.5, 0.5), (0.0, 0.0)):
+    run = lambda model: sample(model, positive, negative, batch=2, steps=10, scheduler="ddim_uniform", cfg=4.0)  # noqa: E731
+    plain = run(sd15.model)  # 10 DDIM steps: timesteps 901, 801, ..., 101, 1
+    for start, end in ((0.5, 0.5), (0.0, 0.0)):  # nothing at all, as at strength 0
         styled = vsp(sd15.model, reference=reference, start_percent=start, end_percent=end, cond_only=True,
                      calibrate_colors=True, nvqg_weight=1.0)
-        assert torch.equal(sample(styled, positive, negative, batch=2, steps=50, scheduler="ddim_uniform", cfg=4.0),
-                           plain)
+        assert "sampler_post_cfg_function" not in styled.model_options
+        assert torch.equal(run(styled), plain)
+    # the swap stopping at half the schedule leaves the calibration's window (t < 150) to the calibration
+    seen = []
+    early = recording_post_cfg(vsp(sd15.model, reference=reference, end_percent=0.5, calibrate_colors=True), seen)
+    run(early)
+    clean = reference.clean_latent(sd15.model.model)
+    (last_inside,) = [x0 for sigma, x0 in seen if abs(timestep_of(sd15.model, sigma) - 101) < 1]
+    torch.testing.assert_close(last_inside.mean((-2, -1)), clean.mean((-2, -1)).expand(2, -1), rtol=1e-4, atol=1e-4)
