@@ -15,6 +15,7 @@ DECODER_SELF_ATTENTION = "decoder_self_attention"
 ALL_SELF_ATTENTION = "all_self_attention"
 CUSTOM = "custom"
 PRESETS = (LATE_SELF_ATTENTION, DECODER_SELF_ATTENTION, ALL_SELF_ATTENTION, CUSTOM)
+NVQG_LAYERS = ("style_layers", "other_layers", "all_layers")  # where StyleKeeper's negative branch swaps queries
 
 
 class LayerSelectionError(ValueError):
@@ -50,6 +51,20 @@ def late_decoder_sites(sites: list[TransformerSite]) -> list[TransformerSite]:
         return []
     coarsest = max(site.downsamplings for site in decoder)
     return [site for site in decoder if site.downsamplings < coarsest]
+
+
+def negative_layers(every: list[SelfAttentionLayer], styled: list[SelfAttentionLayer],
+                    choice: str) -> list[SelfAttentionLayer]:
+    """Where the negative branch swaps queries: the styled layers (the issue's reading of the paper),
+    the others (an outside port's), or all."""
+    if choice not in NVQG_LAYERS:
+        raise LayerSelectionError(f"nvqg_layers: unknown choice {choice!r}; expected one of {', '.join(NVQG_LAYERS)}")
+    if choice == "style_layers":
+        return list(styled)
+    others = [layer for layer in every if layer not in styled]
+    if choice == "other_layers" and not others:
+        raise LayerSelectionError("nvqg_layers: other_layers is empty: layers already selects every self-attention layer")
+    return others if choice == "other_layers" else list(every)
 
 
 def parse_custom_layers(text: str, input_name: str = "custom_layers") -> list[tuple[str, int, int | None]]:

@@ -4,7 +4,7 @@ takes the reference's keys and values. Cross-attention is never touched."""
 from comfy_api.latest import io
 
 from ..attention_patches.kv_swap import KeyValueSwap
-from ..attention_patches.layers import LATE_SELF_ATTENTION, all_layers, resolve_layers
+from ..attention_patches.layers import LATE_SELF_ATTENTION, NVQG_LAYERS, all_layers, negative_layers, resolve_layers
 from ..attention_patches.query_swap import QuerySwap
 from .model_layers import active_sigma_range, transformer_sites
 from ..glue.color_calibration import install_color_calibration
@@ -18,21 +18,6 @@ LAYERS_TOOLTIP = (
     "decoder's attention levels above its coarsest one (SDXL output blocks 3-5, as in the paper; SD1.5 "
     "output blocks 6-11). custom: the custom_layers list."
 )
-
-NVQG_LAYERS = ("style_layers", "other_layers", "all_layers")
-
-
-def negative_layers(every: list, styled: list, choice: str) -> list:
-    """Where the negative branch swaps queries: the styled layers (the issue's reading of the paper),
-    the others (an outside port's), or all."""
-    if choice not in NVQG_LAYERS:
-        raise ValueError(f"nvqg_layers: unknown choice {choice!r}; expected one of {', '.join(NVQG_LAYERS)}")
-    if choice == "style_layers":
-        return list(styled)
-    others = [layer for layer in every if layer not in styled]
-    if choice == "other_layers" and not others:
-        raise ValueError("nvqg_layers: other_layers is empty: layers already selects every self-attention layer")
-    return others if choice == "other_layers" else list(every)
 
 
 class VisualStylePrompting(io.ComfyNode):

@@ -11,10 +11,11 @@ import comfy.samplers
 from conftest import pack_submodule
 from reference import vsp as reference_vsp
 from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
-from reference.models import twin_models
 from reference.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
 from test_parity import TOLERANCE as PARITY
-from test_parity import ExternalReferenceCase, comfy_sample, random_prompts, scale_factor, start_noise
+from test_parity import (ExternalReferenceCase, all_self_attention, comfy_sample, random_prompts, scale_factor,
+                         start_noise, twins)  # noqa: F401  (twins: the fixture)
+from test_stylekeeper import LAYOUTS
 from helpers import (assert_relative_close, attention_by_hand, batch_prompts, latent_reference, record_attention,
                      relative_error, sample, selected_layers, self_attention_module, style_aligned, vsp,
                      with_separate_cond_batches)
@@ -60,10 +61,6 @@ def branch(args, index, options):
     """One branch run alone by the test: the positive (0) or the unconditional prompt (1)."""
     conds = [args["cond"], None] if index == 0 else [None, args["uncond"]]
     return comfy.samplers.calc_cond_batch(args["model"], conds, args["input"], args["sigma"], options)[index]
-
-
-LAYOUTS = {"together": lambda m: m, "separate": with_separate_cond_batches,
-           "reversed": lambda m: with_separate_cond_batches(m, reverse=True)}
 
 
 @pytest.mark.parametrize("cfg, nvqg_layers, cond_only, layout", [
@@ -189,15 +186,6 @@ def test_outside_the_styles_steps_the_negative_branch_does_not_run(sd15):
     with record_attention(sd15.model, layer) as calls:
         sample(styled, positive, negative, steps=4)
     assert 4 < len(calls) < 8  # one call per step, plus the negative branch inside the style's steps only
-
-
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def twins(request):
-    return twin_models(request.param, seed=1)
-
-
-def all_self_attention(unet):
-    return [name for name in unet.attn_processors if name.endswith("attn1.processor")]
 
 
 def reference_nvqg_sample(twins, prompts, noise, swapped, queried, cond_only, case=None):

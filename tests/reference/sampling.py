@@ -77,15 +77,19 @@ def unet_eps(unet, latents, timestep, embeddings, pooled, height, width):
     return unet(latents, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added).sample
 
 
-def guided_eps(unet, latents, timestep, prompts: Prompts, cfg: float, before_call=None):
-    """Classifier-free guidance as diffusers pipelines batch it: [uncond; cond]."""
+def uncond_cond_eps(unet, latents, timestep, prompts: Prompts, before_call=None):
+    """(eps_uncond, eps_cond), batched as diffusers pipelines batch them: [uncond; cond]."""
     batch, _, height, width = latents.shape
     embeddings = torch.cat([prompts.uncond, prompts.cond])
     pooled = None if prompts.pooled_cond is None else torch.cat([prompts.pooled_uncond, prompts.pooled_cond])
     if before_call is not None:
         before_call(timestep)
-    eps = unet_eps(unet, torch.cat([latents, latents]), timestep, embeddings, pooled, height, width)
-    eps_uncond, eps_cond = eps.chunk(2)
+    return unet_eps(unet, torch.cat([latents, latents]), timestep, embeddings, pooled, height, width).chunk(2)
+
+
+def guided_eps(unet, latents, timestep, prompts: Prompts, cfg: float, before_call=None):
+    """Classifier-free guidance as diffusers pipelines batch it: [uncond; cond]."""
+    eps_uncond, eps_cond = uncond_cond_eps(unet, latents, timestep, prompts, before_call)
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
 

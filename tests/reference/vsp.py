@@ -91,16 +91,11 @@ def install(unet, processor_names, chunks=2, external=None, cond_only=False, que
 def nvqg_guide(negative: NegativeBranch, weight: float, in_batch: bool):
     """A guided_eps for sampling.ddim_sample: classifier-free guidance minus weight times the negative
     branch's difference from the unconditional one (the in-batch reference image keeps plain guidance)."""
-    from .sampling import unet_eps
+    from .sampling import uncond_cond_eps, unet_eps
 
     def guide(unet, latents, timestep, prompts, cfg, before_call=None):
-        batch, _, height, width = latents.shape
-        embeddings = torch.cat([prompts.uncond, prompts.cond])
-        pooled = None if prompts.pooled_cond is None else torch.cat([prompts.pooled_uncond, prompts.pooled_cond])
-        if before_call is not None:
-            before_call(timestep)
-        eps_uncond, eps_cond = unet_eps(unet, torch.cat([latents, latents]), timestep, embeddings, pooled, height,
-                                        width).chunk(2)
+        height, width = latents.shape[-2:]
+        eps_uncond, eps_cond = uncond_cond_eps(unet, latents, timestep, prompts, before_call)
         negative.running = True
         try:
             eps_negative = unet_eps(unet, latents, timestep, prompts.uncond, prompts.pooled_uncond, height, width)
