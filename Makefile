@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 REQUIREMENTS := requirements.txt tests/requirements-comfyui.txt tests/requirements-test.txt
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 CHROMIUM := /usr/bin/chromium
 
@@ -45,6 +45,12 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/value_inversion.py
 	$(PY) scripts/hosts.py run bench/prompt_to_prompt.py
 	$(PY) scripts/hosts.py run bench/stylekeeper.py
+
+# on a GPU machine (no internet needed once `make setup` has run): the precision matrix on CUDA and every
+# bench/*.py --gpu, one report under gpu_report/ (scripts/gpu_check.py --help; ARGS="--dry-run" on a CPU)
+gpu-check:
+	test -x $(PY) || $(MAKE) setup
+	$(PY) scripts/hosts.py run scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .comfyui output
