@@ -154,10 +154,19 @@ class RandomModels:
     vae: comfy.sd.VAE
 
 
-def model_patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:
+def model_patcher(model_config, seed: int, dtype: torch.dtype = torch.float32,
+                  manual_cast_dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+    """The UNet with random weights stored in dtype, as ComfyUI loads a checkpoint in that dtype (with
+    manual_cast_dtype: weights cast per layer to it, as for fp8 weights). The same seed gives the same
+    weights in every dtype: they are drawn in float32 and rounded."""
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     randomize_parameters(model.diffusion_model, seed)
+    if dtype != torch.float32 or manual_cast_dtype is not None:
+        weights = model.diffusion_model.state_dict()
+        model_config.set_inference_dtype(dtype, manual_cast_dtype)
+        model = model_config.get_model({})
+        model.diffusion_model.load_state_dict(weights)
     model.diffusion_model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=comfy.model_management.unet_offload_device())
@@ -182,21 +191,23 @@ def _vae(ddconfig: dict, seed: int) -> comfy.sd.VAE:
     )
 
 
-def tiny_sd15(seed: int = 0, unet_config: dict | None = None, v_prediction: bool = False) -> RandomModels:
+def tiny_sd15(seed: int = 0, unet_config: dict | None = None, v_prediction: bool = False,
+              dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None) -> RandomModels:
     config_class = TinySD15VPrediction if v_prediction else comfy.supported_models.SD15
     model_config = config_class(copy.deepcopy(unet_config or TINY_SD15_UNET))
     return RandomModels(
-        model=model_patcher(model_config, seed),
+        model=model_patcher(model_config, seed, dtype, manual_cast_dtype),
         clip=_clip(model_config, {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG}, seed),
         vae=_vae(TINY_VAE_DDCONFIG, seed),
     )
 
 
-def tiny_sdxl(seed: int = 0, unet_config: dict | None = None) -> RandomModels:
+def tiny_sdxl(seed: int = 0, unet_config: dict | None = None, dtype: torch.dtype = torch.float32,
+              manual_cast_dtype: torch.dtype | None = None) -> RandomModels:
     model_config = TinySDXL(copy.deepcopy(unet_config or TINY_SDXL_UNET))
     text_overrides = {"clip_l_model_config": TINY_CLIP_TEXT_CONFIG, "clip_g_model_config": TINY_CLIP_TEXT_CONFIG}
     return RandomModels(
-        model=model_patcher(model_config, seed),
+        model=model_patcher(model_config, seed, dtype, manual_cast_dtype),
         clip=_clip(model_config, text_overrides, seed),
         vae=_vae(TINY_VAE_DDCONFIG, seed),
     )

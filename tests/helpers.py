@@ -5,6 +5,7 @@ from contextlib import contextmanager
 
 import torch
 
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import nodes
@@ -187,3 +188,28 @@ def group_norm_by_hand(norm, x, reference=None):
     normalised = ((grouped - mean) / (var + norm.eps).sqrt()).reshape(x.shape)
     shape = (1, channels) + (1,) * (x.ndim - 2)
     return normalised * norm.weight.double().reshape(shape) + norm.bias.double().reshape(shape)
+
+
+@contextmanager
+def partial_loading(fraction=0.5):
+    """ComfyUI loads every model partially, as --lowvram does on a GPU: about fraction of its weights
+    loaded and patched up front, the rest cast and patched per layer during the forward (its
+    weight_function). Every model is unloaded before and after, so each run starts from a fresh load.
+
+    The budget is what load_models_gpu gives a model on a GPU with that much free memory: what is free
+    minus what the model already holds (0.1 once it holds it all), so a model already loaded loads no more.
+    """
+    loaded_model = comfy.model_management.LoadedModel
+    original = loaded_model.model_load
+
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
+        budget = int(self.model.model_size() * fraction) - self.model.loaded_size()
+        return original(self, max(budget, 0.1), force_patch_weights=force_patch_weights)
+
+    comfy.model_management.unload_all_models()
+    loaded_model.model_load = model_load
+    try:
+        yield
+    finally:
+        loaded_model.model_load = original
+        comfy.model_management.unload_all_models()
