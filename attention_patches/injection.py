@@ -60,35 +60,29 @@ class QueryKeyInjection:
                          attn_precision=attn_precision)
 
 
-class InjectedResidual(torch.nn.Module):
-    """Stands in for the last layer of a ResBlock's residual branch (a ModelPatcher object patch): its
+@dataclass(frozen=True)
+class InjectedResidual:
+    """What a stand-in for the last layer of a ResBlock's residual branch does (glue/stand_ins.py: the
+    layer itself seen through a subclass, so its weights keep their names for ComfyUI's patches): its
     output, the branch's, is recorded during the source's pass and replaced by the source's after.
 
     Several nodes' injections at one layer (the branches of a masked style blend) share one stand-in,
     each with its own slot: only the node whose call is running fills its slot."""
 
-    def __init__(self, layer: torch.nn.Module, name: str, call: ModelCallSlot, owner: StyleOwner,
-                 more: tuple[tuple[ModelCallSlot, StyleOwner], ...] = ()):
-        super().__init__()
-        self.layer = layer
-        self.name = name
-        self.taps = ((call, owner), *more)
-        self.owner = owner  # the node that installed it, named in errors
+    name: str
+    taps: tuple[tuple[ModelCallSlot, StyleOwner], ...]
+
+    @property
+    def owner(self) -> StyleOwner:
+        """The node that installed it first, named in errors."""
+        return self.taps[0][1]
 
     def merged_with(self, other: "InjectedResidual") -> "InjectedResidual":
-        """One stand-in serving both nodes' injections at this layer."""
-        if other.layer is not self.layer:
-            raise ValueError(f"two injections at {self.name} stand in for different layers")
-        (call, owner), *more = self.taps
-        return InjectedResidual(self.layer, self.name, call, owner, (*more, *other.taps))
+        """One behaviour serving both nodes' injections at this layer."""
+        return InjectedResidual(self.name, (*self.taps, *other.taps))
 
-    def with_layer(self, layer: torch.nn.Module) -> "InjectedResidual":
-        """The same taps around another stand-in for the layer (a masked blend's LoRA view of it)."""
-        (call, owner), *more = self.taps
-        return InjectedResidual(layer, self.name, call, owner, tuple(more))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layer(x)
+    def __call__(self, layer: torch.nn.Module, x: torch.Tensor, forward) -> torch.Tensor:
+        out = forward(x)
         calls = [tap.current for tap, _ in self.taps if tap.current is not None]
         if not calls or calls[0].store is None:
             return out

@@ -11,6 +11,7 @@ channels, so normalising [target ; reference] tokens jointly gives exactly the p
 """
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -51,39 +52,46 @@ def group_moments(x: torch.Tensor, groups: int) -> GroupMoments:
     return GroupMoments(torch.tensor(float(x.numel() // groups)), mean[0], variance[0])
 
 
-class SharedGroupNorm(torch.nn.Module):
-    """Stands in for one GroupNorm (as a ModelPatcher object patch, removed when the model unpatches)."""
+LayerWeights = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
-    def __init__(self, norm: torch.nn.GroupNorm, name: str, call: ModelCallSlot, owner: StyleOwner | None = None):
-        super().__init__()
-        self.norm = norm
-        self.name = name
-        self.call = call
-        self.owner = owner  # the style node that installed it, named in errors
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class SharedGroupNorm:
+    """What a stand-in for one GroupNorm does (glue/stand_ins.py: the norm itself, seen through a
+    subclass, so its weights keep their names for ComfyUI's patches).
+
+    weights gives the norm's weight and bias as its own forward would use them on x (cast and patched
+    per layer where ComfyUI does so); the statistics are float32 whatever the model's dtype.
+    """
+
+    name: str
+    call: ModelCallSlot
+    weights: LayerWeights
+    owner: StyleOwner | None = None  # the style node that installed it, named in errors
+
+    def __call__(self, norm: torch.nn.GroupNorm, x: torch.Tensor, forward) -> torch.Tensor:
         call = self.call.current
         if call is None:
-            return self.norm(x)
+            return forward(x)
         if call.store is not None:
             if call.store.recording:
-                call.store.record(self.name, group_moments(x, self.norm.num_groups))
-                return self.norm(x)
-            return self._joint(x, call.store.get(self.name))
+                call.store.record(self.name, group_moments(x, norm.num_groups))
+                return forward(x)
+            return self._joint(norm, x, call.store.get(self.name))
         outputs = []
         for ref, targets in in_batch_references(x.shape[0], call.cond_or_uncond):
-            outputs.append(self.norm(x[ref]))
-            outputs.append(self._joint(x[targets], group_moments(x[ref], self.norm.num_groups)))
+            outputs.append(forward(x[ref]))
+            outputs.append(self._joint(norm, x[targets], group_moments(x[ref], norm.num_groups)))
         return torch.cat(outputs)
 
-    def _joint(self, targets: torch.Tensor, reference: GroupMoments) -> torch.Tensor:
+    def _joint(self, norm: torch.nn.GroupNorm, targets: torch.Tensor, reference: GroupMoments) -> torch.Tensor:
         """GroupNorm with each target's statistics pooled with the reference's (any size of either).
 
         The pooled statistics are applied by batch_norm in inference mode over (batch x channels),
-        a fused kernel that reads the activations once.
+        a fused kernel that reads the activations once; in float32, the result cast back.
         """
         batch, channels = targets.shape[:2]
-        groups = self.norm.num_groups
+        groups = norm.num_groups
         mean, variance = group_statistics(targets, groups)
         ref_weight = reference.count.to(mean) / (targets[0].numel() / groups + reference.count.to(mean))
         ref_mean, ref_variance = reference.mean.to(mean), reference.variance.to(mean)
@@ -91,12 +99,12 @@ class SharedGroupNorm(torch.nn.Module):
         joint_variance = torch.lerp(variance + (mean - joint_mean).square(), ref_variance + (ref_mean - joint_mean).square(), ref_weight)
         per_channel = channels // groups
         weight = bias = None
-        if self.norm.affine:
-            weight, bias = (p.to(mean).repeat(batch) for p in (self.norm.weight, self.norm.bias))
+        if norm.affine:
+            weight, bias = (p.to(mean).repeat(batch) for p in self.weights(norm, targets))
         normalised = torch.nn.functional.batch_norm(
-            targets.reshape(1, batch * channels, -1),
+            targets.reshape(1, batch * channels, -1).float(),
             joint_mean.repeat_interleave(per_channel, dim=1).flatten(),
             joint_variance.repeat_interleave(per_channel, dim=1).flatten(),
-            weight, bias, training=False, eps=self.norm.eps,
+            weight, bias, training=False, eps=norm.eps,
         )
-        return normalised.reshape(targets.shape)
+        return normalised.reshape(targets.shape).to(targets.dtype)

@@ -80,8 +80,9 @@ def weight_bytes(model) -> int:
 def delta_bytes(blended) -> int:
     total = 0
     for patch in blended.object_patches.values():
-        for terms in getattr(patch, "branch_deltas", {}).values():
-            total += sum(t.numel() * t.element_size() for d in terms for t in (d.up, d.down))
+        for behaviour in getattr(patch, "stand_in_behaviours", ()):
+            for terms in getattr(behaviour, "deltas", {}).values():
+                total += sum(t.numel() * t.element_size() for d in terms for t in (d.up, d.down))
     return total
 
 

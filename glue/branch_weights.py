@@ -6,8 +6,8 @@ in and out every step (what ComfyUI's hooks do, with a cached copy of the patche
 group) costs a copy of those layers per style; here each patched layer keeps its base weight and
 adds, while its branch's call runs, up(down(x)) * strength * alpha / rank for the LoRAs the branch
 has and the base lacks (minus those the base has and the branch lacks). The layer that does so is a
-ModelPatcher object patch: a copy of the base layer, of a subclass that adds the delta, sharing the
-layer's parameter dict, so ModelPatcher's own weight patches, casts and offloading still apply.
+stand-in for the base layer (stand_ins.py), so ModelPatcher's own weight patches, casts and offloading
+still apply to it.
 """
 
 from dataclasses import dataclass, field
@@ -86,36 +86,30 @@ def weight_deltas(base, branch) -> dict[str, list[LowRankDelta]]:
     return deltas
 
 
-class BranchDeltaLayer:
-    """Mixed into a view of a Linear/Conv2d: adds the active branch's deltas to its output."""
+@dataclass(frozen=True, eq=False)
+class BranchDeltas:
+    """What a stand-in for a Linear/Conv2d does in a blend (stand_ins.py: the layer itself seen through a
+    subclass, so ModelPatcher's own weight patches, casts and offloading still apply to it): adds the
+    active branch's deltas to the layer's output."""
 
-    branch_deltas: dict[int, list[LowRankDelta]]
-    active_branch: ActiveBranch
-    device_copies: DeviceCopies
+    deltas: dict  # {branch index: [LowRankDelta]}
+    active: ActiveBranch
+    copies: DeviceCopies
 
-    def forward(self, x, *args, **kwargs):
-        out = super().forward(x, *args, **kwargs)
-        for delta in self.branch_deltas.get(self.active_branch.current, ()):
-            out = out + delta(self, x, self.device_copies)
+    def __call__(self, layer: torch.nn.Module, x: torch.Tensor, forward) -> torch.Tensor:
+        out = forward(x)
+        for delta in self.deltas.get(self.active.current, ()):
+            out = out + delta(layer, x, self.copies)
         return out
 
 
-def with_deltas(layer: torch.nn.Module, deltas: dict[int, list[LowRankDelta]], active: ActiveBranch,
-                path: str, copies: DeviceCopies) -> torch.nn.Module:
-    """A stand-in for layer (its object patch) adding deltas[active.current].
-
-    The stand-in is the layer seen through a subclass: it shares the layer's instance dictionary
-    (parameters, ModelPatcher's load flags, casts and weight functions), so whatever ModelPatcher does
-    to the stand-in while the blend is loaded, it does to the layer; the deltas live on the subclass."""
+def branch_deltas(layer: torch.nn.Module, deltas: dict[int, list[LowRankDelta]], active: ActiveBranch,
+                  path: str, copies: DeviceCopies) -> BranchDeltas:
+    """The behaviour adding deltas[active.current] to layer's output; refused on a layer it cannot serve."""
     if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or getattr(layer, "groups", 1) != 1:
         raise BranchWeightError(f"the LoRA at {path} patches a {type(layer).__name__}; branches apply LoRAs to "
                                 "linear and convolution layers")
-    cls = type(layer)
-    view = type(f"Branch{cls.__name__}", (BranchDeltaLayer, cls),
-                {"branch_deltas": deltas, "active_branch": active, "device_copies": copies, "__module__": __name__})
-    stand_in = object.__new__(view)
-    object.__setattr__(stand_in, "__dict__", layer.__dict__)
-    return stand_in
+    return BranchDeltas(deltas, active, copies)
 
 
 def delta_bytes(deltas: dict[int, list[LowRankDelta]]) -> int:

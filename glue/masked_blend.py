@@ -14,14 +14,27 @@ import comfy.patcher_extension
 
 from ..attention_patches.injection import InjectedResidual
 from ..attention_patches.shared_norm import SharedGroupNorm
-from .branch_weights import BranchWeightError, DeviceCopies, weight_deltas, with_deltas
+from .branch_weights import BranchWeightError, DeviceCopies, branch_deltas, weight_deltas
 from .masked_calls import ActiveBranch, BlendError, Branch, MaskedBlendWrapper
+from .stand_ins import behaviours_of, original_layer, stand_in
 
 APPLY_MODEL = comfy.patcher_extension.WrappersMP.APPLY_MODEL
 WRAPPER_KEY = "style_attention_nodes.masked_style_blend"
 
 
 SLOT_DRIVEN = (InjectedResidual, SharedGroupNorm)  # act only while their own node's call runs
+
+
+def slot_driven(patch) -> bool:
+    """A stand-in of this pack whose every behaviour acts only while its own node's call runs."""
+    behaviours = behaviours_of(patch)
+    return bool(behaviours) and all(isinstance(behaviour, SLOT_DRIVEN) for behaviour in behaviours)
+
+
+def sole_injection(patch) -> InjectedResidual | None:
+    """The content injection a stand-in does, where that is all it does."""
+    behaviours = behaviours_of(patch)
+    return behaviours[0] if len(behaviours) == 1 and isinstance(behaviours[0], InjectedResidual) else None
 
 
 def own_transformer_options(model) -> dict:
@@ -45,18 +58,24 @@ def merge_object_patches(blended, branch, base, name: str) -> None:
         current = blended.object_patches.get(path)
         if current is patch:
             continue
-        if not isinstance(patch, SLOT_DRIVEN):  # it would act on the base and every branch
+        if not slot_driven(patch):  # it would act on the base and every branch
             raise BlendError(
-                f"{name}: its model replaces {path} ({type(patch).__name__}), which the base model does not: in a "
+                f"{name}: its model replaces {path} ({described(patch)}), which the base model does not: in a "
                 "blend it would act everywhere; put that node on the base model (before the blend), or leave it out")
         if current is None:
             blended.add_object_patch(path, patch)
-        elif isinstance(current, InjectedResidual) and isinstance(patch, InjectedResidual):
-            blended.add_object_patch(path, current.merged_with(patch))
+        elif sole_injection(current) is not None and sole_injection(patch) is not None:
+            blended.add_object_patch(path, stand_in(current, sole_injection(current).merged_with(sole_injection(patch))))
         else:
             raise BlendError(
-                f"{name}: its model replaces {path} ({type(patch).__name__}) where the base or another branch "
-                f"replaces it too ({type(current).__name__}); only this pack's content injections share a layer")
+                f"{name}: its model replaces {path} ({described(patch)}) where the base or another branch "
+                f"replaces it too ({described(current)}); only this pack's content injections share a layer")
+
+
+def described(patch) -> str:
+    """An object patch as named in errors: this pack's behaviours, or another pack's class."""
+    behaviours = behaviours_of(patch)
+    return " + ".join(type(b).__name__ for b in behaviours) if behaviours else type(patch).__name__
 
 
 def check_no_guidance_of_its_own(name: str, branch, base) -> None:
@@ -102,14 +121,15 @@ def masked_style_blend(base, branches: list[tuple[str, str, object, object, str,
     copies = DeviceCopies()
     for path, deltas in per_layer.items():
         current = blended.object_patches.get(path)
-        if current is not None and not isinstance(current, InjectedResidual):
-            raise BlendError(f"a branch's LoRA patches {path}, which {type(current).__name__} already replaces")
-        layer = current.layer if current is not None else blended.get_model_object(path)
+        if current is not None and sole_injection(current) is None:
+            raise BlendError(f"a branch's LoRA patches {path}, which {described(current)} already replaces")
+        layer = original_layer(current) if current is not None else blended.get_model_object(path)
         try:
-            stand_in = with_deltas(layer, deltas, active, path, copies)
+            added = branch_deltas(layer, deltas, active, path, copies)
         except BranchWeightError as error:
             raise BlendError(str(error)) from None
-        blended.add_object_patch(path, stand_in if current is None else current.with_layer(stand_in))
+        # the deltas act inside the injection: a branch's recorded source is its own layer's output
+        blended.add_object_patch(path, stand_in(layer, added, *behaviours_of(current) if current is not None else ()))
     blended.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, WRAPPER_KEY, copies)
     for _, _, model, _, _, _ in branches:  # the branches' style nodes release what they hold with the blend
         for kind in (comfy.patcher_extension.CallbacksMP.ON_DETACH, comfy.patcher_extension.CallbacksMP.ON_CLEANUP):

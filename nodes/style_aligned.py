@@ -11,6 +11,7 @@ from ..attention_patches.layers import ALL_SELF_ATTENTION, resolve_layers
 from ..attention_patches.shared_attention import SharedAttention
 from ..attention_patches.shared_norm import ModelCallSlot, SharedGroupNorm
 from ..attention_patches.style_call import StyleOwner
+from ..glue.stand_ins import behaviours_of, layer_weights, stand_in
 from ..glue.style_call import install_style_call
 from .model_layers import active_sigma_range, transformer_sites
 from .style_inputs import (LayerConflictError, install_styled_self_attention, layer_inputs, new_owner,
@@ -27,11 +28,10 @@ def shares_group_norm(model: comfy.model_patcher.ModelPatcher, choice: str) -> b
 
 
 def group_norm_paths(module: torch.nn.Module, prefix: str):
-    """Paths of the GroupNorms below module, also where a shared norm of another clone stands in for one now
-    (ComfyUI leaves the last sampled clone's object patches applied until another clone loads)."""
+    """Paths of the GroupNorms below module (a stand-in of another clone, still applied, is one too)."""
     for name, child in module.named_children():
         path = f"{prefix}.{name}"
-        if isinstance(child, (torch.nn.GroupNorm, SharedGroupNorm)):
+        if isinstance(child, torch.nn.GroupNorm):
             yield path
         else:
             yield from group_norm_paths(child, path)
@@ -40,7 +40,8 @@ def group_norm_paths(module: torch.nn.Module, prefix: str):
 def install_shared_group_norms(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner) -> ModelCallSlot:
     """Every GroupNorm of the clone's UNet, as object patches; refused where an earlier node of the
     chain already shares them (a norm computes its statistics with one reference)."""
-    earlier = {patch.owner for patch in model.object_patches.values() if isinstance(patch, SharedGroupNorm)}
+    earlier = {behaviour.owner for patch in model.object_patches.values() for behaviour in behaviours_of(patch)
+               if isinstance(behaviour, SharedGroupNorm)}
     if earlier:
         raise LayerConflictError(
             f"shared_group_norm: {', '.join(map(str, earlier))} earlier in this chain already shares the "
@@ -49,7 +50,8 @@ def install_shared_group_norms(model: comfy.model_patcher.ModelPatcher, owner: S
     slot = ModelCallSlot()
     for path in group_norm_paths(model.model.diffusion_model, "diffusion_model"):
         # get_model_object gives the original module even while a sibling clone's patch is applied
-        model.add_object_patch(path, SharedGroupNorm(model.get_model_object(path), path, slot, owner))
+        norm = SharedGroupNorm(path, slot, layer_weights, owner)
+        model.add_object_patch(path, stand_in(model.get_model_object(path), norm))
     return slot
 
 

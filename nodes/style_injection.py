@@ -10,6 +10,7 @@ from ..attention_patches.shared_norm import ModelCallSlot
 from ..attention_patches.style_call import StyleOwner
 from ..glue.references import InversionReference
 from ..glue.source_features import RecordedSource
+from ..glue.stand_ins import behaviours_of, stand_in
 from ..glue.style_call import install_style_call
 from .io_types import ContentFeatures, Inversion
 from .model_layers import active_sigma_range, residual_branch_end, transformer_sites
@@ -24,14 +25,15 @@ def install_injected_residuals(model, paths: list[str], owner: StyleOwner) -> Mo
     for path in paths:
         existing = model.object_patches.get(path)
         if existing is not None:
-            other = existing.owner if isinstance(existing, InjectedResidual) else f"another node ({type(existing).__name__})"
+            mine = [behaviour.owner for behaviour in behaviours_of(existing) if isinstance(behaviour, InjectedResidual)]
+            other = mine[0] if mine else f"another node ({type(existing).__name__})"
             raise LayerConflictError(
                 f"feature_sites: {other} earlier in this chain already replaces {path}; {owner} would overwrite it: "
                 "give the two nodes different feature sites (feature_sites: custom or none)"
             )
     slot = ModelCallSlot()
     for path in paths:
-        model.add_object_patch(path, InjectedResidual(model.get_model_object(path), path, slot, owner))
+        model.add_object_patch(path, stand_in(model.get_model_object(path), InjectedResidual(path, ((slot, owner),))))
     return slot
 
 

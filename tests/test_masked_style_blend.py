@@ -18,6 +18,7 @@ from test_parity import TOLERANCE, comfy_sample, random_prompts, scale_factor, s
 
 glue_lora = pack_submodule("glue.lora_fit")
 branch_weights = pack_submodule("glue.branch_weights")
+glue_stand_ins = pack_submodule("glue.stand_ins")
 
 SIZE = 8  # latent; the image (and its masks) are 64 x 64
 
@@ -216,18 +217,20 @@ def test_one_copy_of_the_unet_and_no_trace_after(sd15, lora_branch):
     before = run(sd15.model, positive, negative, steps=2), run(lora_branch, positive, negative, steps=2)
     blended = blend(sd15.model, (lora_branch, region(0, SIZE, 0, 4)))
     stand_ins = {path: patch for path, patch in blended.object_patches.items()
-                 if isinstance(patch, branch_weights.BranchDeltaLayer)}
+                 if isinstance(patch, glue_stand_ins.StandIn)}
     assert stand_ins
     lora_bytes = sum(t.numel() * t.element_size() for patches in lora_branch.patches.values() for patch in patches
                      for t in patch[1].weights[:2])
-    assert sum(branch_weights.delta_bytes(p.branch_deltas) for p in stand_ins.values()) == lora_bytes
+    assert all(isinstance(b, branch_weights.BranchDeltas) for p in stand_ins.values() for b in p.stand_in_behaviours)
+    assert sum(branch_weights.delta_bytes(b.deltas) for p in stand_ins.values() for b in p.stand_in_behaviours) \
+        == lora_bytes
     for path, stand_in in stand_ins.items():  # the base's own parameters, not copies
         layer = sd15.model.get_model_object(path)
         assert stand_in.weight is layer.weight and type(layer) is not type(stand_in)
     run(blended, positive, negative, steps=2)
     after = run(sd15.model, positive, negative, steps=2), run(lora_branch, positive, negative, steps=2)
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-    assert not any(isinstance(m, branch_weights.BranchDeltaLayer) for m in sd15.model.model.modules())
+    assert not any(isinstance(m, glue_stand_ins.StandIn) for m in sd15.model.model.modules())
 
 
 def test_bad_inputs_are_named(sd15, sdxl, lora_branch):

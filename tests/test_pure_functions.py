@@ -125,7 +125,9 @@ def test_shared_group_norm_in_batch_and_from_a_recorded_reference():
     torch.nn.init.normal_(norm.weight)
     torch.nn.init.normal_(norm.bias)
     slot = shared_norm.ModelCallSlot()
-    shared = shared_norm.SharedGroupNorm(norm, "n", slot)
+    stand_ins = pack_submodule("glue.stand_ins")
+    shared = stand_ins.stand_in(norm, shared_norm.SharedGroupNorm("n", slot, stand_ins.layer_weights))
+    assert shared.weight is norm.weight and isinstance(shared, torch.nn.GroupNorm)  # the norm itself, seen anew
     x = torch.randn(6, 8, 3, 5)
     assert torch.equal(shared(x), norm(x))  # no model call in progress: the plain norm
 

@@ -72,7 +72,8 @@ def test_shared_group_norm_uses_joint_statistics_with_the_reference(sd15):
 
 def test_norm_sharing_follows_the_architecture_by_default(sd15, sdxl):
     def shared_norms(model):
-        return [k for k, v in model.object_patches.items() if type(v).__name__ == "SharedGroupNorm"]
+        return [k for k, v in model.object_patches.items()
+                if [type(b).__name__ for b in getattr(v, "stand_in_behaviours", ())] == ["SharedGroupNorm"]]
 
     assert shared_norms(style_aligned(sd15.model))
     assert not shared_norms(style_aligned(sdxl.model))
