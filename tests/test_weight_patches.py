@@ -55,14 +55,15 @@ def baked(patched) -> "comfy.model_patcher.ModelPatcher":
     fresh_load(patched)
     weights = {key: value.clone() for key, value in patched.model.diffusion_model.state_dict().items()}
     comfy.model_management.unload_all_models()
-    model = unet(seed=99)
+    model = unet(seed=99, dtype=patched.model.get_dtype(), manual_cast_dtype=patched.model.manual_cast_dtype)
     model.model.diffusion_model.load_state_dict(weights)
     return model
 
 
-def unet(seed):
+def unet(seed, dtype=torch.float32, manual_cast_dtype=None):
     """The tiny SD1.5 UNet alone (the tests' CLIP encodes for every tiny SD1.5)."""
-    return random_models.model_patcher(comfy.supported_models.SD15(copy.deepcopy(random_models.TINY_SD15_UNET)), seed)
+    config = comfy.supported_models.SD15(copy.deepcopy(random_models.TINY_SD15_UNET))
+    return random_models.model_patcher(config, seed, dtype, manual_cast_dtype)
 
 
 def merged(sd15):
@@ -71,9 +72,9 @@ def merged(sd15):
     return model
 
 
-def group_norm_patch(sd15):
+def group_norm_patch(model):
     """A LyCORIS file's w_norm/b_norm on every GroupNorm of the UNet (a diff added to the norm's weights)."""
-    unet = sd15.model.get_model_object("diffusion_model")
+    unet = model.get_model_object("diffusion_model")
     generator = torch.Generator().manual_seed(4)
     lora = {}
     for name, module in unet.named_modules():
@@ -91,12 +92,12 @@ def loaded_lora(model, lora, patched_weights):
     return patched
 
 
-def with_norm_patch(sd15):
-    lora = group_norm_patch(sd15)
-    return loaded_lora(sd15.model, lora, len(lora))  # one weight or bias each
+def with_norm_patch(model):
+    lora = group_norm_patch(model)
+    return loaded_lora(model, lora, len(lora))  # one weight or bias each
 
 
-def check_styled_and_after(patched, style, positive, negative, mode, start_of=None):
+def check_styled_and_after(patched, style, positive, negative, mode, start_of=None, tolerance=1e-5):
     """The style on patched == the style on baked(patched); a plain run after it == after a fresh load."""
     expected_model = baked(patched)
     start = None if start_of is None else start_of(expected_model)
@@ -109,7 +110,7 @@ def check_styled_and_after(patched, style, positive, negative, mode, start_of=No
         if mode == "partial":
             assert patched.model.model_lowvram  # some layers were cast and patched per layer
         after = sample(patched, positive, negative, start)
-    assert_relative_close(out, expected, 1e-5)
+    assert_relative_close(out, expected, tolerance)
     unstyled = sample(patched, positive, negative, start)
     assert relative_error(out, unstyled) > 1e-3  # the style acts, so its layers saw the patched weights
     with loading(mode):
@@ -122,7 +123,7 @@ def check_styled_and_after(patched, style, positive, negative, mode, start_of=No
 @pytest.mark.parametrize("mode", LOADINGS)
 @pytest.mark.parametrize("patch", ["model_merge", "group_norm_lycoris"])
 def test_style_aligned_with_shared_group_norm_keeps_every_weight_patch(sd15, patch, mode):
-    patched = merged(sd15) if patch == "model_merge" else with_norm_patch(sd15)
+    patched = merged(sd15) if patch == "model_merge" else with_norm_patch(sd15.model)
     positive, negative = encode(sd15.clip, "a cat"), encode(sd15.clip, "")
     # the patch matters at the size of this test's tolerance, norms included
     assert relative_error(sample(baked(patched), positive, negative), sample(sd15.model, positive, negative)) > 1e-3
@@ -134,6 +135,35 @@ def test_style_aligned_with_shared_group_norm_keeps_every_weight_patch(sd15, pat
         return styled
 
     check_styled_and_after(patched, style, positive, negative, mode)
+
+
+def shared_norms(model):
+    styled = style_aligned(model, shared_group_norm="on")
+    assert [type(b).__name__ for b in styled.object_patches["diffusion_model.input_blocks.1.0.in_layers.0"]
+            .stand_in_behaviours] == ["SharedGroupNorm"]
+    return styled
+
+
+# partial: measured 5.1e-2 (e4m3 keeps 3 mantissa bits of the patched norm weights); the patch's own
+# effect on the styled output is 0.36, so a dropped patch stays far outside
+FP8_TOLERANCE = {"full": 1e-5, "partial": 1e-1}
+
+
+@pytest.mark.parametrize("mode", LOADINGS)
+def test_a_norm_patch_reaches_the_shared_group_norms_of_an_fp8_model(sd15, mode):
+    """fp8 weights cast per layer to bfloat16 (manual cast): the joint norms take the patched, cast
+    weights. Full loading stores the patched weights rounded to fp8, as the baked model holds them:
+    equal. Partial loading patches them per layer in bfloat16 without that rounding: within fp8's
+    rounding of the norms' weights, well below the patch's own effect (checked). Under inference mode, as
+    ComfyUI's executor runs (its stochastic rounding into fp8 refuses weights that require grad)."""
+    with torch.inference_mode():
+        patched = with_norm_patch(unet(seed=0, dtype=torch.float8_e4m3fn, manual_cast_dtype=torch.bfloat16))
+        positive, negative = encode(sd15.clip, "a cat"), encode(sd15.clip, "")
+        unpatched = unet(seed=0, dtype=torch.float8_e4m3fn, manual_cast_dtype=torch.bfloat16)
+        effect = relative_error(sample(shared_norms(unpatched), positive, negative),
+                                sample(shared_norms(baked(patched)), positive, negative))
+        assert effect > 3 * FP8_TOLERANCE["partial"]
+        check_styled_and_after(patched, shared_norms, positive, negative, mode, tolerance=FP8_TOLERANCE[mode])
 
 
 def locon_on_injected_conv(sd15, path="diffusion_model.output_blocks.3.0.out_layers.3"):
