@@ -19,7 +19,11 @@ class AttentionFunction(Protocol):
 
 
 def scaled_dot_product_attention(query, key, value, heads: int, attn_precision=None, bias=None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v per head, on (batch, tokens, heads * dim_head) tensors."""
+    """softmax(q k^T / sqrt(d) + bias) v per head, on (batch, tokens, heads * dim_head) tensors.
+
+    In the inputs' dtype unless attn_precision asks for float32, as ComfyUI's kernels: PyTorch's
+    fused kernels (flash, memory-efficient, CPU flash) keep scores and the softmax's sums in float32
+    and its math fallback upcasts half inputs, so float16 costs only the output's rounding."""
     batch, _, inner_dim = query.shape
     dim_head = inner_dim // heads
     out_dtype = query.dtype

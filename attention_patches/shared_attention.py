@@ -6,28 +6,36 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionFunction
+from .precision import at_least_float32
 from .reference import ReferenceFeatures
 
 ADAIN_EPS = 1e-5
 
 
 def mean_std(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel, over tokens: (batch, tokens, channels) -> (batch, 1, channels) each.
+    """Per channel, over tokens: (batch, tokens, channels) -> (batch, 1, channels) each, in float32
+    (float64 for float64 input).
 
     The unbiased variance plus 1e-5 under the root, as the original code computes it. Two passes
-    (mean, then squared deviations): torch.var_mean is about ten times slower on the CPU.
+    (mean, then squared deviations): torch.var_mean is about ten times slower on the CPU. In at
+    least float32 (precision.py; a no-op for float32): in float16 the sum of squared deviations
+    overflows (65504) once a channel's std exceeds about 4 at 4096 tokens, and 1e-5 is subnormal.
     """
+    features = at_least_float32(features)
     mean = features.mean(dim=1, keepdim=True)
     variance = (features - mean).square().sum(dim=1, keepdim=True) / (features.shape[1] - 1)
     return mean, (variance + ADAIN_EPS).sqrt()
 
 
 def adain(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Give each channel of features the reference's mean and standard deviation over tokens."""
+    """Give each channel of features the reference's mean and standard deviation over tokens.
+
+    Computed in at least float32 and cast back to features' dtype: the statistics overflow in
+    float16, and the scale (reference std / own std) can pass 65504 for a near-constant channel."""
     mean, std = mean_std(features)
     reference_mean, reference_std = mean_std(reference)
     scale = reference_std / std
-    return torch.addcmul(reference_mean - mean * scale, features, scale)
+    return torch.addcmul(reference_mean - mean * scale, at_least_float32(features), scale).to(features.dtype)
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,9 @@ class SharedAttention:
         value = torch.cat([value, reference.value.expand(batch, -1, -1)], dim=1)
         if self.score_shift == 0.0:
             return attention(query, key, value, heads, attn_precision=attn_precision)
-        bias = torch.zeros(key.shape[1], dtype=query.dtype, device=query.device)
+        # float32, so log 2 is not rounded to 0.6929 before a kernel upcast to float32 (attn_precision);
+        # the kernel casts it to the dtype it computes in
+        bias = torch.zeros(key.shape[1], dtype=torch.float32, device=query.device)
         bias[key.shape[1] - reference.key.shape[1]:] = self.score_shift
         return attention(query, key, value, heads, attn_precision=attn_precision, bias=bias)
 

@@ -59,10 +59,18 @@ def invert(
 
     input_scale(sigma) is the model's c_in at sigma (1 / sqrt(sigma^2 + sigma_data^2) for eps and
     v-prediction models). on_step(i, x, denoised) is called after each step.
+
+    The walk runs in at least float32 whatever x's dtype (a no-op for ComfyUI's float32 latents), the
+    latents kept in x's dtype: in float16 the sigmas handed to the denoiser would be rounded (14.6146
+    -> 14.617; 14.625 in bfloat16), eps = (x - x0) / sigma cancels at small sigma, and each step's
+    update would be rounded into the next. The denoiser gets float32 latents and sigmas (ComfyUI's
+    casts them to the model's dtype).
     """
     if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
         raise ValueError("inversion needs an ascending schedule of at least two sigmas")
+    dtype = x.dtype
     latents = [x]
+    x = x.to(torch.promote_types(dtype, torch.float32))  # attention_patches/precision.py's rule
     ones = x.new_ones(x.shape[0])
     scales = [input_scale(sigma) for sigma in sigmas]
     for i in range(len(sigmas) - 1):
@@ -71,9 +79,9 @@ def invert(
         denoised = denoise(labelled, sigma_next * ones)
         eps = (labelled - denoised) / sigma_next
         x = x + (sigma_next - sigma) * eps
-        latents.append(x)
+        latents.append(x.to(dtype))
         if on_step is not None:
-            on_step(i, x, denoised)
+            on_step(i, latents[-1], denoised)
     return InversionTrajectory(sigmas=sigmas.detach().cpu().float(), latents=torch.stack(latents).cpu())
 
 
