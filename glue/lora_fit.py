@@ -117,6 +117,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if cuda_bf16 else torch.float32
 
 
+def computing_in(model, dtype: torch.dtype):
+    """model itself where it computes in dtype already (float32 runs as before), else a clone whose layers
+    cast their stored weights to dtype as they run."""
+    if (model.get_model_object("manual_cast_dtype") or model.model.get_dtype()) == dtype:
+        return model
+    patched = model.clone()
+    patched.set_model_compute_dtype(dtype)
+    return patched
+
+
 def fit_style_lora(model, positive, mean: torch.Tensor, std: torch.Tensor | None, targets: list[str], rank: int,
                    alpha: float, settings: FitSettings, training_dtype: str = "auto", on_loss=None) -> FittedLoRA:
     """Fits rank-`rank` adapters on `targets` (linear_layers names) to the latents (VAE space, before

@@ -9,8 +9,11 @@ Two runs in the guided-loop glue, each on a clone, so the input MODEL is never m
    ComfyUI's own guidance, cfg functions included, combines them). What each step trains is either
    the (scale, shift) itself or, with a CLIP vision model, the authors' mapping network from the
    image's vision tokens (inversion/mapping_network.py).
+Both runs compute in the training dtype (the frozen weights stay as ComfyUI loaded them, fp16, bf16
+or fp8, cast per layer); the trained values stay float32; float16 trains with dynamic loss scaling.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -28,14 +31,23 @@ from ..inversion.style_inversion import StyleInversion
 from ..inversion.mapping_network import NetworkModulation, mapping_network
 from ..inversion.value_input import DirectModulation, ValueInversionSettings, invert_value_inputs
 from .guided_loop import run_guided_loop
-from .lora_fit import freeze_weights, prediction_of, with_size
+from .lora_fit import TRAINING_DTYPES as LORA_TRAINING_DTYPES
+from .lora_fit import computing_in, freeze_weights, prediction_of, resolve_dtype, with_size
 from .style_call import install_style_call
 
 EVERY_SIGMA = SigmaRange(float("inf"), -1.0)
+# Fit Style LoRA's choices, and float16 (trained with dynamic loss scaling) for GPUs without bfloat16
+TRAINING_DTYPES = {**LORA_TRAINING_DTYPES, "float16": torch.float16}
+
+
+def training_dtype_of(name: str) -> torch.dtype:  # auto: bfloat16 on a GPU that has it, else float32
+    if name not in TRAINING_DTYPES:
+        raise ValueError(f"training_dtype must be one of {', '.join(TRAINING_DTYPES)}, not {name!r}")
+    return TRAINING_DTYPES[name] or resolve_dtype("auto")
 
 
 class MapBudgetError(ValueError):
-    pass
+    """The inversion's attention maps would pass max_megabytes."""
 
 
 @dataclass
@@ -145,12 +157,16 @@ def inversion_sigmas(model, scheduler: str, steps: int) -> torch.Tensor:
 def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor, steps: int, scheduler: str,
                                guidance: float, layers, settings: ValueInversionSettings, source_prompt: str,
                                max_bytes: int = 4 << 30, on_iteration=None,
-                               tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, StyleInversion]:
+                               tokens: torch.Tensor | None = None,
+                               training_dtype: str = "auto") -> tuple[torch.Tensor, StyleInversion]:
     """(the reconstruction's latent, VAE space; the STYLE_INVERSION). samples: the image's latent;
     tokens: the image's CLIP vision tokens (1, n, width) to train the mapping network from, or None to
-    train each step's (scale, shift) directly."""
+    train each step's (scale, shift) directly; training_dtype: a TRAINING_DTYPES name."""
     prediction = prediction_of(model)  # eps or v on a discrete schedule: DDIM in sigma space holds
     check_free(model, layers)
+    dtype = training_dtype_of(training_dtype)
+    model = computing_in(model, dtype)
+    settings = dataclasses.replace(settings, loss_scaling=dtype == torch.float16)
     sampling = model.get_model_object("model_sampling")
     height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
     with torch.inference_mode(False):
@@ -206,7 +222,7 @@ def prompt_embedding_inversion(model, positive, negative, samples: torch.Tensor,
          "learning_rate": settings.learning_rate, "attention_weight": settings.attention_weight,
          "attention_target": settings.attention_target, "early_stop": settings.early_stop,
          "layers": [list(layer) for layer in probe_layers], "prediction": prediction,
-         "mapping": "direct" if tokens is None else "clip_vision"},
+         "mapping": "direct" if tokens is None else "clip_vision", "training_dtype": str(dtype).split(".")[-1]},
         tuple(tuple(l) for l in result.losses))
     return reconstruction, inversion
 

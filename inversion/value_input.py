@@ -15,6 +15,13 @@ authors' mapping network from the image's CLIP vision tokens (mapping_network.Ne
 Latents are ComfyUI's sigma-space ones (x = x0 + sigma eps); the latent loss is taken on the
 diffusers latent x / sqrt(1 + sigma^2) (latent_scale), where the authors' loss and early-stop
 thresholds are stated.
+
+Precision: the trained parameters stay float32 (master weights) and the loss is float32 whatever
+dtype the model computes in. A model computing in float16 underflows the small gradients of late
+steps to exactly 0, so with settings.loss_scaling the loss is scaled before backward and the
+gradients unscaled in float32 before Adam, as torch.amp.GradScaler does (it is CUDA-bound; this
+rule runs on any device): an iteration whose gradients overflow is skipped and the scale halved,
+and the scale doubles after `growth_interval` finite iterations in a row.
 """
 
 import math
@@ -40,6 +47,36 @@ class ValueInversionSettings:
     stop_epsilon: float = 1e-5
     stop_slope: float = 2e-5
     attention_target: str = SAME_LATENT
+    loss_scaling: bool = False  # dynamic loss scaling, for a model computing in float16
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """Dynamic loss scaling's state: the factor and how many finite iterations ran since it changed."""
+
+    value: float = 2.0 ** 16
+    finite_run: int = 0
+    growth_interval: int = 10  # GradScaler's 2000 would never grow within an inversion's few hundred
+
+    def after(self, finite: bool) -> "LossScale":
+        if not finite:
+            return LossScale(self.value / 2, 0, self.growth_interval)
+        if self.finite_run + 1 >= self.growth_interval:
+            return LossScale(self.value * 2, 0, self.growth_interval)
+        return LossScale(self.value, self.finite_run + 1, self.growth_interval)
+
+
+def unscaled(parameters: list[torch.Tensor], scale: float) -> bool:
+    """Divides each gradient (float32) by scale in place; False (gradients left as they are) where
+    any is inf or NaN."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    if not bool(torch.stack([g.float().isfinite().all() for g in grads]).all()):
+        return False
+    for grad in grads:
+        grad.div_(scale)
+    return True
 
 
 def iterations_at(settings: ValueInversionSettings, i: int) -> int:
@@ -125,6 +162,7 @@ def invert_value_inputs(step: StepFunction, sigmas: torch.Tensor, latents: torch
     x = latents[steps]
     modulation = DirectModulation(*initial) if isinstance(initial, tuple) else initial
     learned, losses = [], []
+    loss_scale = LossScale() if settings.loss_scaling else None
     for i, j in enumerate(range(steps, 0, -1)):
         sigma, sigma_next = sigmas[j].to(x), sigmas[j - 1].to(x)
         target = latents[j - 1].to(x) * latent_scale(sigma_next)
@@ -140,8 +178,14 @@ def invert_value_inputs(step: StepFunction, sigmas: torch.Tensor, latents: torch
                 if target_maps:
                     loss = loss + settings.attention_weight * attention_loss(step_maps, target_maps)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
+                (loss if loss_scale is None else loss * loss_scale.value).backward()
+            if loss_scale is None:
+                optimizer.step()
+            else:  # skip an iteration whose gradients overflowed, with a lower scale
+                finite = unscaled(modulation.parameters(), loss_scale.value)
+                if finite:
+                    optimizer.step()
+                loss_scale = loss_scale.after(finite)
             step_losses.append(float(loss.detach()))  # the iteration's one device sync: progress and early stop
             if on_iteration is not None:
                 on_iteration(i, iteration, step_losses[-1])

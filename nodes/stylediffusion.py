@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..attention_patches.layers import coarsest_level_layers
-from ..glue.value_inversion import inversion_sigmas, prompt_embedding_inversion, vision_tokens
+from ..glue.value_inversion import TRAINING_DTYPES, inversion_sigmas, prompt_embedding_inversion, vision_tokens
 from ..inversion.style_inversion import load_style_inversion, save_style_inversion
 from ..inversion.value_input import ATTENTION_TARGETS, ValueInversionSettings, iterations_at
 from ..lora_fit.loss_plot import loss_plot
@@ -84,6 +84,10 @@ class PromptEmbeddingInversion(io.ComfyNode):
                                  tooltip="End a step once its loss is below 1e-5 + 2e-5 i (authors' code)."),
                 io.Int.Input("max_megabytes", default=4096, min=1, max=1 << 20,
                              tooltip="Memory the inversion's attention maps may take on the CPU."),
+                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="auto",
+                               tooltip="The model's compute dtype while inverting (the learned values stay "
+                               "float32). auto: bfloat16 on a GPU that has it, float32 otherwise. float16: for "
+                               "GPUs without bfloat16, with loss scaling so small gradients do not vanish."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Optional (with image): a small network per step maps the image's "
                                     "CLIP vision tokens to the scale and shift (the authors' variant, there "
@@ -101,8 +105,8 @@ class PromptEmbeddingInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt, steps, scheduler, guidance, inner_iterations, learning_rate,
-                attention_weight, attention_target, early_stop, max_megabytes, clip_vision=None,
-                image=None) -> io.NodeOutput:
+                attention_weight, attention_target, early_stop, max_megabytes, training_dtype="auto",
+                clip_vision=None, image=None) -> io.NodeOutput:
         samples = latent["samples"]
         check_latent(model, samples)
         check_vision_input(clip_vision, image)
@@ -126,7 +130,7 @@ class PromptEmbeddingInversion(io.ComfyNode):
         tokens = None if clip_vision is None else vision_tokens(clip_vision, image)
         reconstruction, inversion = prompt_embedding_inversion(
             model, positive, negative, samples, steps, scheduler, guidance, layers, settings, source_prompt,
-            max_megabytes << 20, on_iteration, tokens)
+            max_megabytes << 20, on_iteration, tokens, training_dtype)
         plot = loss_plot([step[-1] for step in inversion.losses],
                          f"PromptEmbeddingInversion: last loss of each of {len(planned)} steps "
                          f"({sum(map(len, inversion.losses))} iterations)")
