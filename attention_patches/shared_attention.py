@@ -32,10 +32,11 @@ def adain(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
     Computed in at least float32 and cast back to features' dtype: the statistics overflow in
     float16, and the scale (reference std / own std) can pass 65504 for a near-constant channel."""
-    mean, std = mean_std(features)
+    upcast = at_least_float32(features)  # once: mean_std's own upcast is then a no-op
+    mean, std = mean_std(upcast)
     reference_mean, reference_std = mean_std(reference)
     scale = reference_std / std
-    return torch.addcmul(reference_mean - mean * scale, at_least_float32(features), scale).to(features.dtype)
+    return torch.addcmul(reference_mean - mean * scale, upcast, scale).to(features.dtype)
 
 
 @dataclass(frozen=True)

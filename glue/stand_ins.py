@@ -61,6 +61,5 @@ def layer_weights(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     """The weight and bias the layer's own forward would use on x: cast to x's dtype and device and
     patched per layer where ComfyUI casts this layer (manual cast, fp8 weights, partial loading)."""
     if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None):
-        weight, bias = comfy.ops.cast_bias_weight(layer, x)[:2]
-        return weight, bias
+        return comfy.ops.cast_bias_weight(layer, x)[:2]  # (weight, bias): the legacy form on every host
     return layer.weight, layer.bias

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from ..attention_patches.precision import at_least_float32
 from ..safetensors_file import write_atomically
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, sigma per item) -> predicted x0
@@ -70,7 +71,7 @@ def invert(
         raise ValueError("inversion needs an ascending schedule of at least two sigmas")
     dtype = x.dtype
     latents = [x]
-    x = x.to(torch.promote_types(dtype, torch.float32))  # attention_patches/precision.py's rule
+    x = at_least_float32(x)
     ones = x.new_ones(x.shape[0])
     scales = [input_scale(sigma) for sigma in sigmas]
     for i in range(len(sigmas) - 1):

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention_patches.precision import at_least_float32
+
+
 @dataclass(frozen=True)
 class FitSettings:
     steps: int = 200
@@ -59,9 +62,7 @@ def prediction_loss(prediction: str, x0, noise, sigma, x_t, denoised) -> torch.T
     Every input is taken to at least float32 first (no-ops for float32): recovering the raw output
     subtracts nearly equal latents and divides by a small sigma (eps) or cancels x_t c^2 against x0
     (v), which in float16 costs percents of the loss; the gradient reaches denoised in its own dtype."""
-    # at least float32, as attention_patches/precision.py (float64 stays float64 until the loss)
-    x0, noise, sigma, x_t, denoised = (t.to(torch.promote_types(t.dtype, torch.float32))
-                                       for t in (x0, noise, sigma, x_t, denoised))
+    x0, noise, sigma, x_t, denoised = map(at_least_float32, (x0, noise, sigma, x_t, denoised))
     s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
     if prediction == "eps":  # denoised = x_t - s * eps
         output, target = (x_t - denoised) / s, noise
