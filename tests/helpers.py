@@ -86,6 +86,11 @@ def with_separate_cond_batches(model, reverse=False):
     return clone
 
 
+# the cond/uncond layouts ComfyUI evaluates a model in: together in one call, apart, apart uncond first
+LAYOUTS = {"together": lambda m: m, "separate": with_separate_cond_batches,
+           "reversed": lambda m: with_separate_cond_batches(m, reverse=True)}
+
+
 def self_attention_module(model, layer):
     block, number, index = layer
     unet = model.get_model_object("diffusion_model")

@@ -11,6 +11,7 @@ import folder_paths
 import random_models
 from conftest import pack_submodule
 from helpers import encode, invert, relative_error, run_node
+from support.inversion import tamed
 
 ddim = pack_submodule("inversion.ddim")
 
@@ -51,15 +52,6 @@ def test_inversion_of_the_ideal_denoiser_follows_the_exact_ode_and_converges_wit
         errors[steps] = relative_error(sample_back(model, inverted, positive, negative, steps), latent)
     assert errors[50] < 0.02
     assert errors[200] < errors[50] / 3 < errors[10] / 9  # DDIM inversion is first order in the step
-
-
-def tamed(models):
-    """Random UNets predict wildly (eps of std ~100); scaled-down outputs make the ODE as smooth as a real model's."""
-    with torch.no_grad():
-        out = models.model.model.diffusion_model.out[2]
-        out.weight.mul_(0.02)
-        out.bias.mul_(0.02)
-    return models
 
 
 @pytest.mark.parametrize("v_prediction", [False, True], ids=["eps", "v_prediction"])

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import comfy.model_management
 import comfy.utils
@@ -14,8 +13,9 @@ import nodes
 import random_models
 from conftest import pack_submodule
 from helpers import assert_relative_close, encode, relative_error, run_node
-from reference import lora as reference_lora
-from reference.models import twin_models
+from oracles import lora as reference_lora
+from oracles.models import twin_models
+from support.lora_fit import file_tensors, model_output, style_image
 
 objective = pack_submodule("lora_fit.objective")
 targets_module = pack_submodule("lora_fit.targets")
@@ -32,12 +32,6 @@ def loaded():
         return random_models.tiny_sd15(seed=0)
 
 
-def style_image(seed=0, height=48, width=64):
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, height // 8, width // 8, generator=g)
-    return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear").movedim(1, -1)
-
-
 def fit(models, image=None, **settings):
     inputs = dict(model=models.model, clip=models.clip, vae=models.vae, image=style_image() if image is None else image,
                   prompt="painting of <sss>, girl", resolution=0, rank=4, alpha=4.0, steps=6, learning_rate=1e-3,
@@ -47,20 +41,6 @@ def fit(models, image=None, **settings):
     inputs.update(settings)
     with torch.inference_mode():
         return run_node("FitStyleLoRA", **inputs)
-
-
-def file_tensors(folder, name):
-    with safe_open(str(folder / name), framework="pt") as archive:
-        return {key: archive.get_tensor(key) for key in archive.keys()}, archive.metadata()
-
-
-def model_output(model, seed=5, size=8, context_dim=32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, size, size, generator=g)
-    context = torch.randn(2, 77, context_dim, generator=g)
-    comfy.model_management.load_models_gpu([model])
-    with torch.inference_mode():
-        return model.model.apply_model(x, torch.tensor([3.0, 0.4]), c_crossattn=context).float().clone()
 
 
 def test_the_loss_falls_and_the_fitted_model_predicts_the_style_latents_noise_better(loaded):

@@ -8,18 +8,13 @@ import comfy.model_management
 import random_models
 from conftest import pack_submodule
 from helpers import encode, relative_error, run_node
-from test_ddim_inversion import tamed
-from test_prompt_embedding_inversion import PROMPT, image_latent, invert, sample_from_top
+from support.inversion import PROMPT, image_latent, invert, sample_from_top
+from support.inversion import tame  # noqa: F401 (a fixture)
 
 mapping = pack_submodule("inversion.mapping_network")
 value_input = pack_submodule("inversion.value_input")
 value_inversion = pack_submodule("glue.value_inversion")
 owners = pack_submodule("nodes.style_inputs")
-
-
-@pytest.fixture(scope="module")
-def tame():
-    return tamed(random_models.tiny_sd15(seed=5))
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import comfy.sample
 from conftest import pack_submodule
 from helpers import (assert_relative_close, encode, latent_reference, relative_error, run_node, vsp,
                      with_separate_cond_batches)
-from test_style_injection import content, inject, sample_from
-from reference import masked as reference_masked
-from reference.models import twin_models
-from reference.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
-from test_parity import TOLERANCE, comfy_sample, random_prompts, scale_factor, start_noise
+from oracles import masked as reference_masked
+from oracles.models import twin_models
+from oracles.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
+from support.injection import content, inject, sample_from
+from support.parity import TOLERANCE, comfy_sample, random_prompts, scale_factor, start_noise
+from support.reference_cache import reference_pass_of
 
 glue_lora = pack_submodule("glue.lora_fit")
 branch_weights = pack_submodule("glue.branch_weights")
@@ -111,7 +112,6 @@ def test_masks_off_everywhere_are_the_base_and_on_everywhere_the_branch_over_a_w
     lora_everywhere = run(blend(sd15.model, (lora_branch, everywhere)), positive, negative, steps=3)
     assert relative_error(lora_everywhere, run(lora_branch, positive, negative, steps=3)) < 1e-5
     # the branch's style node releases its last step's reference features when the blend's run ends
-    from test_reference_cache import reference_pass_of
     run(blend(sd15.model, (styled, everywhere)), positive, negative, steps=1)
     assert reference_pass_of(styled)._step == {}
 

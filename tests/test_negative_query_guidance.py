@@ -9,16 +9,16 @@ import torch
 import comfy.samplers
 
 from conftest import pack_submodule
-from reference import vsp as reference_vsp
-from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
-from reference.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
-from test_parity import TOLERANCE as PARITY
-from test_parity import (ExternalReferenceCase, all_self_attention, comfy_sample, random_prompts, scale_factor,
-                         start_noise, twins)  # noqa: F401  (twins: the fixture)
-from test_stylekeeper import LAYOUTS
-from helpers import (assert_relative_close, attention_by_hand, batch_prompts, latent_reference, record_attention,
-                     relative_error, sample, selected_layers, self_attention_module, style_aligned, vsp,
-                     with_separate_cond_batches)
+from helpers import (LAYOUTS, assert_relative_close, attention_by_hand, batch_prompts, latent_reference,
+                     record_attention, relative_error, sample, selected_layers, self_attention_module, style_aligned,
+                     vsp, with_separate_cond_batches)
+from oracles import vsp as reference_vsp
+from oracles.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
+from oracles.sampling import ddim_sample, sd_scheduler, sigma_of_timestep
+from support.parity import TOLERANCE as PARITY
+from support.parity import (ExternalReferenceCase, all_self_attention, comfy_sample, random_prompts, scale_factor,
+                            start_noise, twins)  # noqa: F401  (twins: the fixture)
+from support.reference_cache import counting_reference_passes, reference_pass_of
 
 WEIGHT = 1.5
 
@@ -230,8 +230,6 @@ def test_external_reference_sampling_parity_with_the_other_layers_and_both_branc
 
 @pytest.mark.parametrize("cache_megabytes", [0, 2048])
 def test_the_reference_runs_once_per_step_for_all_its_calls_whatever_the_cache(sd15, cache_megabytes):
-    from test_reference_cache import counting_reference_passes, reference_pass_of
-
     positive, negative = batch_prompts(sd15)
     reference = latent_reference(sd15, cache_megabytes=cache_megabytes)
     styled = with_separate_cond_batches(vsp(sd15.model, reference=reference, nvqg_weight=WEIGHT))

@@ -1,63 +1,23 @@
 """Fidelity: the ComfyUI nodes give the numbers of an independent diffusers implementation of each paper,
-on the same random weights (tests/reference/)."""
+on the same random weights (tests/oracles/)."""
 
 import pytest
 import torch
 
-import comfy.sample
 import comfy.samplers
-from helpers import assert_relative_close, invert, relative_error, run_node, style_aligned, vsp
-from reference import style_aligned as reference_style_aligned
-from reference import vsp as reference_vsp
-from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
-from reference.models import twin_models
-from reference.sampling import (Prompts, ddim_invert, ddim_sample, denoise, sd_scheduler, sigma_of_timestep,
-                                unet_eps)
-
-TOLERANCE = 1e-4
-SIZE = 8
-
-
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def twins(request):
-    return twin_models(request.param, seed=1)
+from helpers import assert_relative_close, invert, relative_error, style_aligned, vsp
+from oracles import style_aligned as reference_style_aligned
+from oracles import vsp as reference_vsp
+from oracles.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
+from oracles.sampling import ddim_invert, denoise, sd_scheduler, sigma_of_timestep
+from support.parity import (SIZE, TOLERANCE, ExternalReferenceCase, all_self_attention, comfy_denoise, comfy_sample,
+                            random_prompts, reference_sample, scale_factor, start_noise)
+from support.parity import twins  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(autouse=True)
 def plain_diffusers_processors(twins):
     twins.diffusers_unet.set_attn_processor(PlainProcessor())
-
-
-def random_prompts(twins, batch, seed=2) -> Prompts:
-    g = torch.Generator().manual_seed(seed)
-    embeddings = lambda: torch.randn(batch, 77, twins.context_dim, generator=g)  # noqa: E731
-    pooled = (lambda: torch.randn(batch, twins.pooled_dim, generator=g)) if twins.pooled_dim else (lambda: None)
-    return Prompts(cond=embeddings(), uncond=embeddings(), pooled_cond=pooled(), pooled_uncond=pooled())
-
-
-def start_noise(batch, seed=3):
-    return torch.randn(batch, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-def scale_factor(twins):
-    return twins.comfy_model.model.latent_format.scale_factor
-
-
-def comfy_denoise(model, prompts, timestep, cfg, noise):
-    """ComfyUI's guided x0 at one timestep: a single Euler step from sigma_t to 0 lands on it."""
-    sigma = float(model.get_model_object("model_sampling").sigma(torch.tensor(timestep)))
-    positive, negative = prompts.comfy_conditioning()
-    sampler = comfy.samplers.sampler_object("euler")
-    latent = torch.zeros_like(noise)
-    out = comfy.sample.sample_custom(model, noise, cfg, sampler, torch.tensor([sigma, 0.0]), positive, negative,
-                                     latent, disable_pbar=True, seed=0)
-    return out, sigma
-
-
-def comfy_sample(model, prompts, steps, cfg, noise):
-    positive, negative = prompts.comfy_conditioning()
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "ddim_uniform", positive, negative,
-                               torch.zeros_like(noise), disable_pbar=True, seed=0)
 
 
 def test_comfy_sigmas_map_to_diffusers_timesteps(twins):
@@ -107,38 +67,6 @@ def test_vsp_in_batch_sampling_parity(twins):
     assert_relative_close(comfy_out * scale_factor(twins), expected, TOLERANCE)
 
 
-class ExternalReferenceCase:
-    """A reference latent with its own prompt, as the ComfyUI node takes it and as the reference runs it alone."""
-
-    def __init__(self, twins):
-        self.twins = twins
-        self.prompts = random_prompts(twins, batch=1, seed=5)
-        self.latent = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(6))
-        (self.node_output,) = run_node("StyleReferenceLatent", latent={"samples": self.latent}, clip=None, prompt="",
-                                       reference_seed=9, cache_megabytes=2048, cache_on_cpu=False, conditioning=self.prompts.comfy_conditioning()[0])
-
-    def run_alone_before_each_call(self, scheduler, external):
-        noise = comfy.sample.prepare_noise(self.latent, 9)
-        clean = self.latent * scale_factor(self.twins)
-
-        def run_reference_alone(timestep):
-            external.recording = True
-            noisy = scheduler.add_noise(clean, noise, torch.tensor([int(timestep)]))
-            unet_eps(self.twins.diffusers_unet, noisy, timestep, self.prompts.cond, self.prompts.pooled_cond, SIZE,
-                     SIZE)
-            external.recording = False
-
-        return run_reference_alone
-
-
-def reference_sample(twins, prompts, noise, before_call=None):
-    scheduler = sd_scheduler()
-    scheduler.set_timesteps(4)
-    start = noise * sigma_of_timestep(scheduler, int(scheduler.timesteps[0]))
-    hook = before_call(scheduler) if before_call else None
-    return ddim_sample(twins.diffusers_unet, scheduler, start, 4, prompts, 4.0, before_call=hook)
-
-
 def test_vsp_external_reference_sampling_parity(twins):
     prompts, noise = random_prompts(twins, batch=2), start_noise(2)
     case = ExternalReferenceCase(twins)
@@ -151,10 +79,6 @@ def test_vsp_external_reference_sampling_parity(twins):
     expected = reference_sample(twins, prompts, noise, lambda s: case.run_alone_before_each_call(s, external))
     assert_relative_close(recorded * scale_factor(twins), expected, TOLERANCE)
     assert_relative_close(replayed * scale_factor(twins), expected, TOLERANCE)
-
-
-def all_self_attention(unet):
-    return [name for name in unet.attn_processors if name.endswith("attn1.processor")]
 
 
 SA_OPTIONS = {"adain_values": True, "score_scale": 0.9, "score_shift": 0.693}

@@ -10,7 +10,8 @@ import random_models
 from conftest import pack_submodule
 from helpers import (attention_by_hand, attention_weights_by_hand, encode, record_attention, relative_error, run_node,
                      self_attention_module, with_separate_cond_batches)
-from test_prompt_embedding_inversion import PROMPT, invert, sample_from_top, tame  # noqa: F401 (tame: a fixture)
+from support.inversion import PROMPT, invert, sample_from_top
+from support.inversion import tame  # noqa: F401 (a fixture)
 
 p2p = pack_submodule("attention_patches.prompt_to_prompt")
 local_blend = pack_submodule("attention_patches.local_blend")

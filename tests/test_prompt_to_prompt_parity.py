@@ -1,6 +1,6 @@
 """Fidelity of StyleDiffusion's prompt-to-prompt edit (issue 16): the pack's edit (glue/prompt_to_prompt.py
 edit_model + run_edit, through ComfyUI's sampler and model patcher) against the independent diffusers
-processors of tests/reference/prompt_to_prompt.py, on the twin UNets' shared random weights.
+processors of tests/oracles/prompt_to_prompt.py, on the twin UNets' shared random weights.
 
 The style inversion is built by hand (random top latent, scales around 1, shifts around 0) on the
 ddim_uniform schedule, and the token alignment is refine-like with reweighting: A and b both count.
@@ -15,11 +15,11 @@ import torch
 import comfy.ldm.modules.attention
 from conftest import pack_submodule
 from helpers import assert_relative_close, relative_error
-from reference import prompt_to_prompt as reference
-from reference.attention import PlainProcessor
-from reference.models import twin_models
-from reference.sampling import Prompts, ddim_sample, sd_scheduler
-from test_parity import TOLERANCE, scale_factor
+from oracles import prompt_to_prompt as reference
+from oracles.attention import PlainProcessor
+from oracles.models import twin_models
+from oracles.sampling import Prompts, ddim_sample, sd_scheduler
+from support.parity import TOLERANCE, scale_factor
 
 p2p = pack_submodule("attention_patches.prompt_to_prompt")
 glue = pack_submodule("glue.prompt_to_prompt")

@@ -5,29 +5,13 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.patcher_extension
 from conftest import pack_submodule
 from helpers import assert_relative_close, encode, inversion_reference, invert, latent_reference, sample, style_aligned, vsp
+from support.reference_cache import counting_reference_passes, reference_pass_of
 
 reference_module = pack_submodule("attention_patches.reference")
 
 STEPS = 4
-
-
-def reference_pass_of(model):
-    """The style node's apply_model wrapper (the one of this pack's on the model)."""
-    wrappers = model.wrappers[comfy.patcher_extension.WrappersMP.APPLY_MODEL]
-    (key,) = [key for key in wrappers if key.startswith("style_attention_nodes.style_call.")]
-    (wrapper,) = wrappers[key]
-    return wrapper
-
-
-def counting_reference_passes(model):
-    """Counts the model calls that carry the reference alone (batch 1 while the targets are 2)."""
-    unet = model.get_model_object("diffusion_model")
-    calls = []
-    handle = unet.register_forward_pre_hook(lambda m, args: calls.append(1) if args[0].shape[0] == 1 else None)
-    return calls, handle
 
 
 def styled_with(node, models, reference):

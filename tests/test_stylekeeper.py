@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from conftest import pack_submodule
-from helpers import (attention_by_hand, batch_prompts, encode, inversion_reference, invert, latent_reference,
-                     record_attention, relative_error, run_node, sample, selected_layers, self_attention_module, vsp,
-                     with_separate_cond_batches)
-from reference import vsp as reference_vsp
-from reference.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
-from test_parity import (TOLERANCE, ExternalReferenceCase, assert_relative_close, comfy_sample, random_prompts,
-                         reference_sample, scale_factor, start_noise)
-from reference.models import twin_models
-
-LAYOUTS = {"together": lambda m: m, "separate": with_separate_cond_batches,
-           "reversed": lambda m: with_separate_cond_batches(m, reverse=True)}
+from helpers import (LAYOUTS, assert_relative_close, attention_by_hand, batch_prompts, encode, inversion_reference,
+                     invert, latent_reference, record_attention, relative_error, run_node, sample, selected_layers,
+                     self_attention_module, vsp)
+from oracles import vsp as reference_vsp
+from oracles.attention import PlainProcessor, late_up_blocks, self_attention_processor_names
+from support.parity import (TOLERANCE, ExternalReferenceCase, comfy_sample, random_prompts, reference_sample,
+                            scale_factor, start_noise)
+from support.parity import twins  # noqa: F401 (a fixture)
 
 
 def chunks_by_kind(attn1_calls, attn2_calls, rows):
@@ -75,11 +72,6 @@ def test_off_is_todays_swap_and_on_differs(sd15):
     both = sample(vsp(sd15.model), positive, negative, batch=3)
     assert torch.equal(sample(vsp(sd15.model, cond_only=False), positive, negative, batch=3), both)
     assert relative_error(sample(vsp(sd15.model, cond_only=True), positive, negative, batch=3), both) > 1e-3
-
-
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def twins(request):
-    return twin_models(request.param, seed=1)
 
 
 def test_cond_only_in_batch_sampling_parity(twins):

@@ -17,7 +17,7 @@ import nodes
 import random_models
 from conftest import pack_submodule
 from helpers import encode, relative_error, run_node
-from test_fit_style_lora import file_tensors, model_output, style_image
+from support.lora_fit import file_tensors, model_output, style_image
 
 value_input = pack_submodule("inversion.value_input")
 targets_module = pack_submodule("lora_fit.targets")
@@ -28,7 +28,7 @@ STEPS, INNER = 5, 8
 
 
 def tamed(models):
-    """test_ddim_inversion.tamed in any weight dtype: outputs scaled down to a real model's size, which
+    """support.inversion.tamed in any weight dtype: outputs scaled down to a real model's size, which
     also makes the late steps' gradients small enough to underflow float16 (as on real models)."""
     with torch.no_grad():
         out = models.model.model.diffusion_model.out[2]

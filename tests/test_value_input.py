@@ -6,11 +6,11 @@ import torch
 
 from conftest import pack_submodule
 from helpers import encode, relative_error, sample, self_attention_module, assert_relative_close
-from reference import value_input as reference_value_input
-from reference.attention import PlainProcessor
-from reference.models import twin_models
-from reference.sampling import denoise, sd_scheduler
-from test_parity import TOLERANCE, comfy_denoise, random_prompts, scale_factor, start_noise
+from oracles import value_input as reference_value_input
+from oracles.attention import PlainProcessor
+from oracles.models import twin_models
+from oracles.sampling import denoise, sd_scheduler
+from support.parity import TOLERANCE, comfy_denoise, random_prompts, scale_factor, start_noise
 
 value_input = pack_submodule("attention_patches.value_input")
 feature_store = pack_submodule("attention_patches.feature_store")
