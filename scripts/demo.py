@@ -2,7 +2,8 @@
 
 By default three SD1.5 workflows (in-batch Visual Style Prompting, StyleAligned from prompts,
 Visual Style Prompting from a DDIM-inverted reference image); `--all` (make demo ALL=1) runs every
-SD1.5 workflow. CKPT=/path/to/model.safetensors runs them on your SD1.5 checkpoint, exactly as
+SD1.5 workflow; `--quick` runs the first of the three at 128x128 and 3 steps (what `make test` runs:
+the same path through the server in well under a minute). CKPT=/path/to/model.safetensors runs them on your SD1.5 checkpoint, exactly as
 saved. Without it, a checkpoint with random weights (generated once) stands in; random weights draw
 noise, not pictures, and the demo shrinks the images and steps to keep that quick.
 """
@@ -30,6 +31,7 @@ DEFAULT_WORKFLOWS = ["visual_style_prompting_in_batch.json", "style_aligned_prom
                      "visual_style_prompting_inversion.json"]
 # With random weights: small images and few steps, since the pictures are noise anyway.
 RANDOM_WEIGHTS_SIDE, RANDOM_WEIGHTS_STEPS = 256, 8
+QUICK_SIDE, QUICK_STEPS = 128, 3  # --quick
 
 
 def make_random_checkpoint() -> None:
@@ -93,7 +95,8 @@ def small_copy_of_input(name: str, side: int) -> str:
     return small_name
 
 
-def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: bool) -> list[Path]:
+def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: bool, side: int = RANDOM_WEIGHTS_SIDE,
+                 steps: int = RANDOM_WEIGHTS_STEPS) -> list[Path]:
     schemas = request(base, "/object_info")
     workflow = json.loads((REPO / "example_workflows" / name).read_text())
     prompt = ui_to_api(workflow, lambda class_type: schema_inputs(schemas[class_type]["input"]))
@@ -105,22 +108,21 @@ def run_workflow(base: str, name: str, checkpoint_name: str, random_weights: boo
                 source = prompt[node["inputs"]["image"][0]]["inputs"]["image"]
                 width, height = Image.open(COMFYUI_DIR / "input" / source).size
                 for key in ("boxes", "points", "negative_points"):
-                    node["inputs"][key] = resized_coordinates(node["inputs"][key], (RANDOM_WEIGHTS_SIDE / width,
-                                                                                    RANDOM_WEIGHTS_SIDE / height))
+                    node["inputs"][key] = resized_coordinates(node["inputs"][key], (side / width, side / height))
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["inputs"]["ckpt_name"] = checkpoint_name
         elif random_weights and node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=RANDOM_WEIGHTS_SIDE, height=RANDOM_WEIGHTS_SIDE)
+            node["inputs"].update(width=side, height=side)
         elif node["class_type"] == "FastSAMLoader":
             node["inputs"]["model_name"] = fastsam_model(node["inputs"]["model_name"])
         elif random_weights and node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion",
                                                        "RecordContentFeatures"):
-            node["inputs"]["steps"] = RANDOM_WEIGHTS_STEPS
+            node["inputs"]["steps"] = steps
         elif random_weights and node["class_type"] == "FitStyleLoRA":
-            node["inputs"].update(steps=RANDOM_WEIGHTS_STEPS, resolution=RANDOM_WEIGHTS_SIDE)
+            node["inputs"].update(steps=steps, resolution=side)
         elif random_weights and node["class_type"] == "LoadImage":
-            node["inputs"]["image"] = small_copy_of_input(node["inputs"]["image"], RANDOM_WEIGHTS_SIDE)
+            node["inputs"]["image"] = small_copy_of_input(node["inputs"]["image"], side)
     queued = request(base, "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
     prompt_id = queued["prompt_id"]
     while True:
@@ -144,7 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", default=os.environ.get("ALL") == "1",
                         help="every SD1.5 example workflow, not only the default three (also ALL=1)")
-    workflows = ALL_WORKFLOWS if parser.parse_args().all else DEFAULT_WORKFLOWS
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the first default workflow only, at {QUICK_SIDE}x{QUICK_SIDE} and {QUICK_STEPS} steps "
+                        "with random weights (the end-to-end test)")
+    options = parser.parse_args()
+    workflows = ALL_WORKFLOWS if options.all else DEFAULT_WORKFLOWS[:1] if options.quick else DEFAULT_WORKFLOWS
+    side, steps = (QUICK_SIDE, QUICK_STEPS) if options.quick else (RANDOM_WEIGHTS_SIDE, RANDOM_WEIGHTS_STEPS)
     user_checkpoint = os.environ.get("CKPT")
     if user_checkpoint:
         checkpoint = Path(user_checkpoint).expanduser()
@@ -166,7 +173,7 @@ def main() -> None:
         for number, name in enumerate(workflows, 1):
             print(f"[{number}/{len(workflows)}] {name} ...", flush=True)
             started = time.time()
-            images = run_workflow(base, name, checkpoint_name, random_weights=not user_checkpoint)
+            images = run_workflow(base, name, checkpoint_name, not user_checkpoint, side, steps)
             print(f"{name}: {len(images)} images in {time.time() - started:.1f} s", flush=True)
             for image in images:
                 print(f"  {image}")
