@@ -14,7 +14,6 @@ from .attention import AttentionFunction, for_call
 from .layers import SelfAttentionLayer, layer_name
 from .reference import batch_chunks
 from .style_call import RECORDING_OPTION
-from .sigma_range import SigmaRange
 
 # The transformer_options entry through which the capture's wrapper reaches the attention layers.
 ATTENTION_MAPS_OPTION = "style_attention_nodes.attention_maps"
@@ -126,11 +125,11 @@ class RecordingAttention:
 
 @dataclass(frozen=True)
 class MapCapture:
-    """What the capture wrapper puts in transformer_options: which layers and steps to record."""
+    """What the capture's wrapper puts in transformer_options for a model call at a captured step:
+    which layers record (the wrapper decides the step once per call; the layers never read the sigma)."""
 
     recorder: AttentionMapRecorder
     layers: frozenset
-    active_range: SigmaRange
 
     def recording(self, layer: SelfAttentionLayer, attention: AttentionFunction, extra_options: dict,
                   images: slice, first_image: int, key_sources: tuple[str, ...]) -> AttentionFunction:
@@ -139,8 +138,7 @@ class MapCapture:
         A layer's self- and cross-attention share its name: only the kind the capture is for records
         (cross-attention attends to the prompt, key_sources ("text",))."""
         if (layer not in self.layers or (self.recorder.kind == "cross") != (key_sources == ("text",))
-                or extra_options.get(RECORDING_OPTION) is not None
-                or not self.active_range.contains(float(extra_options["sigmas"][0]))):
+                or extra_options.get(RECORDING_OPTION) is not None):
             return attention
         height, width = extra_options["activations_shape"][-2:]
         return RecordingAttention(attention, self.recorder, layer, images, (height, width), first_image, key_sources)

@@ -18,8 +18,7 @@ import torch
 from .attention import AttentionFunction
 from .layers import LayerSelectionError, SelfAttentionLayer, TransformerSite, all_layers, resolve_custom_layers
 from .reference import ReferenceFeatures, StyleReferenceError
-from .shared_norm import ModelCallSlot
-from .style_call import StyleOwner
+from .style_call import ModelCallSlot, StyleOwner
 
 SIZE_HINT = "sample the content's inverted latent itself (same size as the content image)"
 

@@ -10,22 +10,14 @@ Layer norms are not shared: in the UNet's transformers each token is normalised 
 channels, so normalising [target ; reference] tokens jointly gives exactly the plain result.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .feature_store import register_feature_type
 from .reference import in_batch_references
-from .style_call import StyleCall, StyleOwner
-
-
-@dataclass
-class ModelCallSlot:
-    """Shared by a model's shared norms (modules see no transformer_options): their node's wrapper
-    puts its StyleCall here for the duration of each model call, None while the style is off."""
-
-    current: StyleCall | None = field(default=None)
+from .style_call import ModelCallSlot, StyleOwner
 
 
 @register_feature_type

@@ -10,7 +10,7 @@ An external reference's own pass runs with every other style of this pack off (R
 names whose pass it is): a reference is recorded as its image alone, whatever else the chain does.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .reference import ReferenceFeatureStore
 
@@ -44,6 +44,15 @@ class StyleCall:
     store: ReferenceFeatureStore | None
     timestep: float | None = None
     negative: bool = False
+
+
+@dataclass
+class ModelCallSlot:
+    """Where modules that see no transformer_options (StyleAligned's shared norms, the injected
+    ResBlocks) find their node's StyleCall: the node's wrapper puts it here for the duration of each
+    model call, None while the style is off."""
+
+    current: StyleCall | None = field(default=None)
 
 
 def style_call(extra_options: dict, owner: StyleOwner) -> StyleCall | None:

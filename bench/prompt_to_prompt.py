@@ -49,11 +49,11 @@ def hand_made_inversion(model, side, steps, context_dim):
 
 def run(name, side, steps, repeats):
     p2p, glue = pack_module("attention_patches.prompt_to_prompt"), pack_module("glue.prompt_to_prompt")
-    layers, model_layers, owners = (pack_module("attention_patches.layers"), pack_module("nodes.model_layers"),
-                                    pack_module("nodes.style_inputs"))
+    layers, architectures, owners = (pack_module("attention_patches.layers"), pack_module("glue.architectures"),
+                                     pack_module("nodes.style_inputs"))
     model, context_dim, pooled_dim = bench.build(name)
     inversion = hand_made_inversion(model, side, steps, context_dim)
-    sites = model_layers.transformer_sites(model, "bench")
+    sites = list(architectures.adapter_for(model, "bench").sites)
     attention = pack_module("attention_patches.attention").KernelAttention.of(
         comfy.ldm.modules.attention.optimized_attention)
     edit = p2p.CrossAttentionEdit.refine(torch.arange(77), torch.ones(77), torch.ones(77))

@@ -34,12 +34,12 @@ NULL_TEXT_ITERATIONS = 10  # null-text inversion optimises 10 iterations at each
 
 def run(name, side, steps, inner_iterations, repeats):
     value_input, value_inversion = pack_module("inversion.value_input"), pack_module("glue.value_inversion")
-    layers_module, model_layers = pack_module("attention_patches.layers"), pack_module("nodes.model_layers")
+    layers_module, architectures = pack_module("attention_patches.layers"), pack_module("glue.architectures")
     model, context_dim, pooled_dim = bench.build(name)
     content = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
     source, empty = bench.conditioning(context_dim, pooled_dim, 1, 3), bench.conditioning(context_dim, pooled_dim, 1, 2)
     settings = value_input.ValueInversionSettings(inner_iterations=inner_iterations, early_stop=False)
-    layers = layers_module.coarsest_level_layers(model_layers.transformer_sites(model, "bench"))
+    layers = layers_module.coarsest_level_layers(list(architectures.adapter_for(model, "bench").sites))
     results = {}
 
     def plain():

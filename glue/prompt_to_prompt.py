@@ -14,14 +14,16 @@ import torch
 
 from ..attention_patches.attention import AttentionFunction
 from ..attention_patches.feature_store import UnrecordedSigmaError
-from ..attention_patches.layers import TransformerSite, format_layers
+from ..attention_patches.layers import TransformerSite
 from ..attention_patches.local_blend import BlendMaps, blend_mask, blended
 from ..attention_patches.prompt_to_prompt import EDIT_SITE, CrossAttentionEdit, EditSchedule, PromptToPromptAttention
 from ..attention_patches.style_call import StyleOwner
 from ..attention_patches.value_input import SITE, ValueInput, ValueInputPatch
 from ..inversion.style_inversion import StyleInversion
 from ..inversion.value_input import ddim_step
+from .architectures import adapter_for
 from .guided_loop import run_guided_loop
+from .site_patches import Claim, claim_sites, install_site_patches
 from .style_call import install_style_call
 from .value_inversion import EVERY_SIGMA
 
@@ -64,13 +66,10 @@ class EditPlan:
         return {SITE: self._moved[key], EDIT_SITE: step}
 
 
-def check_free(model, sites: list[TransformerSite]) -> None:
-    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {})
-    taken = [layer for site in sites for layer in site.layers()
-             if layer in replaced.get("attn1", {}) or layer in replaced.get("attn2", {})]
-    if taken:
-        raise ValueError(f"model: the attention of {format_layers(taken)} is already replaced by another node; a "
-                         "prompt-to-prompt edit controls every attention layer: connect the model before that node")
+EDIT_CLAIM = Claim("PromptToPromptEdit", "model", "a prompt-to-prompt edit controls every attention layer: connect "
+                   "the model before that node", takes_over=(),
+                   foreign="{input_name}: the {what} of {names} is already replaced by another node ({patch_type}); a "
+                   "prompt-to-prompt edit controls every attention layer: connect the model before that node")
 
 
 def edit_model(model, inversion: StyleInversion, schedule: EditSchedule, edit: CrossAttentionEdit,
@@ -78,21 +77,23 @@ def edit_model(model, inversion: StyleInversion, schedule: EditSchedule, edit: C
                blend: LocalBlend | None = None) -> tuple[object, BlendMaps | None]:
     """A clone whose attention layers run the edit (a batch of source and target rows), and the maps
     its local blend collects (None without one)."""
-    check_free(model, sites)
+    adapter = adapter_for(model, "PromptToPromptEdit")
+    layers = [layer for site in sites for layer in site.layers()]
+    for kind in ("attn1", "attn2"):
+        claim_sites(model, adapter, layers, kind, EDIT_CLAIM)
     maps = None if blend is None else BlendMaps(blend.words)
     patched = model.clone()
     patched.set_model_attn2_patch(ValueInputPatch(owner))
     # self-attention maps are replaced at every attention level but the finest (the authors' "at most
     # 32x32 queries" at 512 px on SD1.5; SDXL at 1024 px: its 32x32 level, not its 64x64 one)
     finest = min(site.downsamplings for site in sites if site.depth > 0)
-    for site in sites:
-        for layer in site.layers():
-            patched.set_model_attn1_replace(
-                PromptToPromptAttention(owner, attention, cross=False, self_replaced=site.downsamplings > finest),
-                *layer)
-            patched.set_model_attn2_replace(
-                PromptToPromptAttention(owner, attention, cross=True, edit=edit,
-                                        blend=maps if blend is not None and layer in blend.layers else None), *layer)
+    install_site_patches(patched, adapter, {
+        layer: PromptToPromptAttention(owner, attention, cross=False, self_replaced=site.downsamplings > finest)
+        for site in sites for layer in site.layers()}, "attn1", EDIT_CLAIM)
+    install_site_patches(patched, adapter, {
+        layer: PromptToPromptAttention(owner, attention, cross=True, edit=edit,
+                                       blend=maps if blend is not None and layer in blend.layers else None)
+        for layer in layers}, "attn2", EDIT_CLAIM)
     install_style_call(patched, owner, None, EVERY_SIGMA, recorded=EditPlan(inversion, schedule))
     return patched, maps
 

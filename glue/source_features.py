@@ -15,7 +15,7 @@ from safetensors import safe_open
 import comfy.patcher_extension
 
 from ..attention_patches.feature_store import FeatureStore, load_store, save_store, tensor_bytes
-from ..attention_patches.shared_norm import ModelCallSlot
+from ..attention_patches.style_call import ModelCallSlot
 from ..attention_patches.style_call import StyleOwner
 from .guided_loop import run_guided_loop
 from .references import InversionReference

@@ -9,7 +9,7 @@ import comfy.patcher_extension
 
 from ..attention_patches.feature_store import FeatureStore
 from ..attention_patches.reference import ReferenceFeatureStore
-from ..attention_patches.shared_norm import ModelCallSlot
+from ..attention_patches.style_call import ModelCallSlot
 from ..attention_patches.sigma_range import SigmaRange
 from ..attention_patches.style_call import (BRANCH_OPTION, CALLS_OPTION, NEGATIVE_OPTION, NORM_SLOTS_OPTION,
                                            RECORDING_OPTION, StyleCall, StyleOwner)
@@ -37,10 +37,7 @@ class StyleCallWrapper:
     slot_range: SigmaRange | None = None  # where norm_call's modules act, when not active_range
     with_timestep: bool = False  # StyleCalls carry the model timestep
     recorded: FeatureStore | None = None  # the reference's features recorded by another run: no pass here
-    _timesteps: dict = field(default_factory=dict, compare=False, repr=False)
-    # the current step's reference features, for the step's other model calls (cond and uncond run
-    # apart, the negative branch) whatever the cache holds; dropped when sampling ends (ForgetStep)
-    _step: dict = field(default_factory=dict, compare=False, repr=False)
+    memory: "StepMemory" = field(default_factory=lambda: StepMemory(), compare=False, repr=False)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         # another node's reference pass, or outside this style's steps: its layers find no StyleCall
@@ -74,21 +71,23 @@ class StyleCallWrapper:
         """The model timestep at this sigma, for styles that follow the schedule (read once per sigma)."""
         if not self.with_timestep:
             return None
-        if sigma not in self._timesteps:
-            self._timesteps[sigma] = float(executor.class_obj.model_sampling.timestep(t[:1])[0])
-        return self._timesteps[sigma]
+        timesteps = self.memory.timesteps
+        if sigma not in timesteps:
+            timesteps[sigma] = float(executor.class_obj.model_sampling.timestep(t[:1])[0])
+        return timesteps[sigma]
 
     def _reference_features(self, executor, sigma, sigma_value: float, x, transformer_options) -> ReferenceFeatureStore:
         base_model = executor.class_obj
         # the loaded weights, and which masked-blend branch's deltas act on them in this call
         weights = (getattr(base_model, "current_weight_patches_uuid", None), transformer_options.get(BRANCH_OPTION))
         step = (sigma_value, weights, x.device)
-        if self._step.get("key") == step:
-            return ReferenceFeatureStore(recording=False, features=self._step["features"])
+        memory = self.memory
+        if memory.step is not None and memory.step == step:
+            return ReferenceFeatureStore(recording=False, features=memory.features)
         if self.cache is not None:
             cached = self.cache.get(sigma_value, x.device, tag=weights)
             if cached is not None:
-                self._step.update(key=step, features=cached)
+                memory.step, memory.features = step, cached
                 return ReferenceFeatureStore(recording=False, features=cached)
         reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
         inputs = self.reference.model_inputs(base_model, reference_x)
@@ -107,7 +106,7 @@ class StyleCallWrapper:
                 slot.current = current
         if self.cache is not None:
             self.cache.put(sigma_value, store.features, tag=weights)
-        self._step.update(key=step, features=store.features)
+        memory.step, memory.features = step, store.features
         return store.replay()
 
 
@@ -138,19 +137,31 @@ def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwne
     wrapper = StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range, with_timestep, recorded)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
     if reference is not None:
-        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, ForgetStep(wrapper._step))
+        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, ForgetStep(wrapper.memory))
     if cache is not None:
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, ClearOnUnload(cache))
+
+
+@dataclass(eq=False)
+class StepMemory:
+    """What a StyleCallWrapper remembers between the model calls of a run (its one mutable part):
+    the model timestep of each sigma seen, and the current step's reference features for the step's
+    other model calls (cond and uncond run apart, the negative branch), whatever the cache holds.
+    The features go when sampling ends (ForgetStep)."""
+
+    timesteps: dict = field(default_factory=dict)
+    step: tuple | None = None  # (sigma, loaded weights and branch, device) of features
+    features: dict | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class ForgetStep:
     """ModelPatcher cleanup callback (after each sampling run): the last step's reference features go."""
 
-    step: dict
+    memory: StepMemory
 
     def __call__(self, patcher) -> None:
-        self.step.clear()
+        self.memory.step = self.memory.features = None
 
 
 @dataclass(frozen=True)

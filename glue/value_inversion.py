@@ -30,9 +30,11 @@ from ..inversion.ddim import invert
 from ..inversion.style_inversion import StyleInversion
 from ..inversion.mapping_network import NetworkModulation, mapping_network
 from ..inversion.value_input import DirectModulation, ValueInversionSettings, invert_value_inputs
+from .architectures import adapter_for
 from .guided_loop import run_guided_loop
 from .lora_fit import TRAINING_DTYPES as LORA_TRAINING_DTYPES
 from .lora_fit import computing_in, freeze_weights, prediction_of, resolve_dtype, with_size
+from .site_patches import Claim, claim_sites, install_site_patches
 from .style_call import install_style_call
 
 EVERY_SIGMA = SigmaRange(float("inf"), -1.0)
@@ -88,19 +90,21 @@ class SplitGuidance:
         return [cond_out, self._last["out"]]
 
 
+INVERSION_CLAIM = Claim("PromptEmbeddingInversion", "model", "invert with the model before that node", takes_over=(),
+                        foreign="{input_name}: the {what} of {names} is already replaced by another node "
+                        "({patch_type}); the inversion needs those layers' attention maps: invert with the model "
+                        "before that node")
+
+
 def probed(model, layers, sink: MapSink):
     patched = model.clone()
-    for layer in layers:
-        patched.set_model_attn2_replace(CrossAttentionProbe(layer, sink), *layer)
+    install_site_patches(patched, adapter_for(model, "PromptEmbeddingInversion"),
+                         {layer: CrossAttentionProbe(layer, sink) for layer in layers}, "attn2", INVERSION_CLAIM)
     return patched
 
 
 def check_free(model, layers) -> None:
-    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    taken = [".".join(map(str, layer)) for layer in layers if layer in replaced]
-    if taken:
-        raise ValueError(f"model: the cross-attention of {', '.join(taken)} is already replaced by another node; "
-                         "the inversion needs those layers' attention maps: invert with the model before that node")
+    claim_sites(model, adapter_for(model, "PromptEmbeddingInversion"), layers, "attn2", INVERSION_CLAIM)
 
 
 def model_input_scale(sampling):

@@ -1,4 +1,6 @@
-"""ComfyUI nodes: the only layer that imports comfy."""
+"""ComfyUI nodes: each translates between ComfyUI's inputs and the pack's glue/ (which runs things
+inside ComfyUI: wrappers, patches, the architecture adapters). nodes/ and glue/ import comfy; the
+pure packages (attention_patches/, inversion/, lora_fit/, mask/) never do."""
 
 from .attention_maps import AttentionMapHeatmap, CaptureAttentionMaps
 from .batch_prompts import ReferenceTargetPrompts

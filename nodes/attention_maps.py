@@ -20,11 +20,12 @@ from ..attention_patches.attention_maps import (
     MapCapture,
 )
 from ..attention_patches.heatmaps import draw_cross_attention, draw_self_attention
-from ..attention_patches.layers import (LATE_SELF_ATTENTION, layer_name, parse_custom_layers, resolve_layers,
-                                        select_layers)
-from ..attention_patches.styled_self_attention import StyledSelfAttention
+from ..attention_patches.layers import LATE_SELF_ATTENTION, parse_custom_layers, select_layers
+from ..glue.architectures import adapter_for
+from ..attention_patches.sigma_range import SigmaRange
+from ..glue.schedule import active_sigma_range
+from ..glue.site_patches import Claim, install_site_patches
 from .io_types import AttentionMaps
-from .model_layers import active_sigma_range, transformer_sites
 from .style_inputs import layer_inputs
 
 
@@ -45,33 +46,29 @@ class ResetBeforeSampling:
 
 @dataclass(frozen=True)
 class ProvideCapture:
-    """APPLY_MODEL wrapper: hands the capture to the attention layers through transformer_options."""
+    """APPLY_MODEL wrapper: at a captured step, hands the capture to the attention layers through
+    transformer_options (the step decided here, once per model call)."""
 
     capture: MapCapture
+    active_range: SigmaRange
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if not self.active_range.contains(float(t[0])):  # the one device-to-host read of the call
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         options = {**transformer_options, ATTENTION_MAPS_OPTION: self.capture}
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
-def install_capture_patches(model: comfy.model_patcher.ModelPatcher, layers, kind: str, patch_name: str) -> None:
+CAPTURE_FOREIGN = ("{input_name}: {names} already has its {kind} replaced by another node ({patch_type}); capture "
+                   "before that node, or choose other layers")
+
+
+def install_capture_patches(model: comfy.model_patcher.ModelPatcher, adapter, layers, kind: str, patch_name: str) -> None:
     """A capturing replace patch per layer; a layer this pack already styles records by itself."""
-    replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(patch_name, {})
     attention = KernelAttention.of(comfy.ldm.modules.attention.optimized_attention)
-    for layer in layers:
-        existing = replaced.get(layer)
-        if isinstance(existing, StyledSelfAttention):
-            continue
-        if existing is not None:
-            raise ValueError(
-                f"layers: {layer_name(*layer)} already has its {patch_name} replaced by another node "
-                f"({type(existing).__name__}); capture before that node, or choose other layers"
-            )
-        patch = CapturingAttention(layer, attention, ("self",) if kind == "self" else ("text",))
-        if patch_name == "attn1":
-            model.set_model_attn1_replace(patch, *layer)
-        else:
-            model.set_model_attn2_replace(patch, *layer)
+    patches = {layer: CapturingAttention(layer, attention, ("self",) if kind == "self" else ("text",)) for layer in layers}
+    install_site_patches(model, adapter, patches, patch_name,
+                         Claim("CaptureAttentionMaps", takes_over=(), yields_to_styles=True, foreign=CAPTURE_FOREIGN))
 
 
 class CaptureAttentionMaps(io.ComfyNode):
@@ -107,15 +104,16 @@ class CaptureAttentionMaps(io.ComfyNode):
         if attention not in KINDS:
             raise ValueError(f"attention: expected one of {', '.join(KINDS)}, got {attention!r}")
         kind, patch_name = KINDS[attention]
-        selected = resolve_layers(transformer_sites(model, "CaptureAttentionMaps"), layers, custom_layers)
+        adapter = adapter_for(model, "CaptureAttentionMaps")
+        selected = adapter.resolve(layers, custom_layers)
         active_range = active_sigma_range(model, start_percent, end_percent)
         recorder = AttentionMapRecorder(kind, max_megabytes * 2**20)
         patched = model.clone()
-        install_capture_patches(patched, selected, kind, patch_name)
+        install_capture_patches(patched, adapter, selected, kind, patch_name)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CAPTURE_WRAPPER_KEY,
                                      ResetBeforeSampling(recorder))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CAPTURE_WRAPPER_KEY,
-                                     ProvideCapture(MapCapture(recorder, frozenset(selected), active_range)))
+                                     ProvideCapture(MapCapture(recorder, frozenset(selected)), active_range))
         return io.NodeOutput(patched, recorder)
 
 

@@ -11,7 +11,7 @@ from ..attention_patches.feature_store import FeatureStore
 from ..glue.source_features import RecordedSource, load_recorded, record_source, save_recorded
 from .ddim_inversion import new_output_path, saved_files
 from .io_types import ContentFeatures, Inversion
-from .model_layers import active_sigma_range
+from ..glue.schedule import active_sigma_range
 from .reference import conditioning_input
 from .style_inputs import new_owner
 from .style_injection import (check_fraction, install_injected_residuals, install_injection_sites, resolve_sites,

@@ -9,11 +9,11 @@ from ..attention_patches.layers import coarsest_level_layers
 from ..attention_patches.prompt_tokens import TokenError, chunk_ids, content_ids, word_positions
 from ..attention_patches.prompt_to_prompt import EditSchedule
 from ..attention_patches.token_alignment import EDIT_MODES, edit_maps
+from ..glue.architectures import adapter_for
 from ..glue.lora_fit import prediction_of, with_size
 from ..glue.prompt_to_prompt import LocalBlend, edit_model, paired, run_edit
 from ..glue.value_inversion import inversion_sigmas
 from .io_types import StyleInversion
-from .model_layers import transformer_sites
 from .style_inputs import new_owner
 
 LENGTH = 77  # one chunk: the learned value inputs are for the inverted prompt's 77 tokens
@@ -179,7 +179,7 @@ class PromptToPromptEdit(io.ComfyNode):
                              [(word_ids(clip, word, encoder), weight) for word, weight in weights], LENGTH)
             edits[encoder] = (edit.source_map, edit.own if edit.own is not None else torch.zeros(0))
         one_per_encoder(edits, "edit_mode")  # then any encoder's edit is the edit
-        sites = transformer_sites(model, "PromptToPromptEdit")
+        sites = list(adapter_for(model, "PromptToPromptEdit").sites)
         blend = None
         if blend_source_words.strip() or blend_target_words.strip():
             blend = LocalBlend(blend_words(clip, prompts, [blend_source_words, blend_target_words]),

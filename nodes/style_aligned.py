@@ -7,14 +7,15 @@ import comfy.model_base
 import comfy.model_patcher
 from comfy_api.latest import io
 
-from ..attention_patches.layers import ALL_SELF_ATTENTION, resolve_layers
+from ..attention_patches.layers import ALL_SELF_ATTENTION
 from ..attention_patches.shared_attention import SharedAttention
-from ..attention_patches.shared_norm import ModelCallSlot, SharedGroupNorm
-from ..attention_patches.style_call import StyleOwner
+from ..attention_patches.shared_norm import SharedGroupNorm
+from ..attention_patches.style_call import ModelCallSlot, StyleOwner
+from ..glue.architectures import adapter_for
+from ..glue.schedule import active_sigma_range
 from ..glue.stand_ins import behaviours_of, layer_weights, stand_in
 from ..glue.style_call import install_style_call
-from .model_layers import active_sigma_range, transformer_sites
-from .style_inputs import (LayerConflictError, install_styled_self_attention, layer_inputs, new_owner,
+from .style_inputs import (LayerConflictError, install_styled_attention, layer_inputs, new_owner,
                            reference_input, schedule_inputs, validate_reference)
 
 SHARED_NORM_CHOICES = ["auto", "on", "off"]
@@ -93,15 +94,16 @@ class StyleAlignedAttention(io.ComfyNode):
     def execute(cls, model, share_attention, adain_queries, adain_keys, adain_values, shared_score_scale,
                 shared_score_shift, shared_group_norm, layers, custom_layers, start_percent, end_percent,
                 reference=None) -> io.NodeOutput:
-        selected = resolve_layers(transformer_sites(model, "StyleAlignedAttention"), layers, custom_layers)
+        adapter = adapter_for(model, "StyleAlignedAttention")
+        selected = adapter.resolve(layers, custom_layers)
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
-            validate_reference(reference, model, "reference")
+            validate_reference(reference, model, adapter, "reference")
         method = SharedAttention(share_attention, adain_queries, adain_keys, adain_values, shared_score_scale,
                                  shared_score_shift)
         patched = model.clone()
         owner = new_owner("StyleAlignedAttention")
-        install_styled_self_attention(patched, selected, method, owner)
+        install_styled_attention(patched, adapter, selected, method, owner)
         norm_call = install_shared_group_norms(patched, owner) if shares_group_norm(model, shared_group_norm) else None
         install_style_call(patched, owner, reference, active_range, norm_call)
         return io.NodeOutput(patched)

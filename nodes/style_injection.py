@@ -6,16 +6,17 @@ from comfy_api.latest import io
 from ..attention_patches.injection import (ATTENTION_SITE_PRESETS, FEATURE_SITE_PRESETS, PLUG_AND_PLAY,
                                            InjectedResidual, QueryKeyInjection, resolve_attention_sites,
                                            resolve_feature_blocks)
-from ..attention_patches.shared_norm import ModelCallSlot
+from ..attention_patches.style_call import ModelCallSlot
 from ..attention_patches.style_call import StyleOwner
+from ..glue.architectures import adapter_for
 from ..glue.references import InversionReference
 from ..glue.source_features import RecordedSource
 from ..glue.stand_ins import behaviours_of, stand_in
+from ..glue.schedule import active_sigma_range
 from ..glue.style_call import install_style_call
 from .io_types import ContentFeatures, Inversion
-from .model_layers import active_sigma_range, residual_branch_end, transformer_sites
 from .reference import cache_inputs, conditioning_input, reference_conditioning
-from .style_inputs import LayerConflictError, install_styled_self_attention, new_owner, validate_reference
+from .style_inputs import LayerConflictError, install_styled_attention, new_owner, validate_reference
 
 NODE_ID = "StyleInjection"
 
@@ -65,11 +66,12 @@ def site_inputs() -> list:
 def resolve_sites(model, attention_sites, custom_attention_sites, feature_sites, custom_feature_sites,
                   cross_attention=False, with_attention=True, with_features=True) -> tuple[list, list, list[str]]:
     """(self-attention layers, cross-attention layers, residual-branch module paths) on this UNet."""
-    sites = transformer_sites(model, NODE_ID)
+    adapter = adapter_for(model, NODE_ID)
+    sites = list(adapter.sites)
     layers = resolve_attention_sites(sites, attention_sites, custom_attention_sites) if with_attention else []
     blocks = resolve_feature_blocks(sites, len(model.get_model_object("diffusion_model").output_blocks), feature_sites,
                                     custom_feature_sites)
-    paths = [residual_branch_end(model, block, "feature_sites") for block in blocks] if with_features else []
+    paths = [adapter.residual_branch_end(model, block, "feature_sites") for block in blocks] if with_features else []
     return layers, layers if cross_attention else [], paths
 
 
@@ -81,7 +83,7 @@ def source_of(model, inversion, clip, source_prompt, conditioning, cache_megabyt
         raise ValueError("clip: needed to encode source_prompt (or connect conditioning)")
     source = InversionReference(conditioning=reference_conditioning(clip, source_prompt, conditioning),
                                 cache_megabytes=cache_megabytes, cache_on_cpu=cache_on_cpu, trajectory=inversion)
-    validate_reference(source, model, "inversion")
+    validate_reference(source, model, adapter_for(model, NODE_ID), "inversion")
     return source
 
 
@@ -152,10 +154,11 @@ class StyleInjection(io.ComfyNode):
 
 
 def install_injection_sites(model, layers, cross_layers, owner: StyleOwner) -> None:
+    adapter = adapter_for(model, NODE_ID)
     if layers:
-        install_styled_self_attention(model, layers, QueryKeyInjection(), owner)
+        install_styled_attention(model, adapter, layers, QueryKeyInjection(), owner)
     if cross_layers:
-        install_styled_self_attention(model, cross_layers, QueryKeyInjection(("text",)), owner, patch="attn2")
+        install_styled_attention(model, adapter, cross_layers, QueryKeyInjection(("text",)), owner, patch="attn2")
 
 
 def check_recorded(recorded: RecordedSource, model, layers, cross_layers, paths) -> None:

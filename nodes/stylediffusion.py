@@ -7,6 +7,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..attention_patches.layers import coarsest_level_layers
+from ..glue.architectures import adapter_for
 from ..glue.value_inversion import TRAINING_DTYPES, inversion_sigmas, prompt_embedding_inversion, vision_tokens
 from ..inversion.style_inversion import load_style_inversion, save_style_inversion
 from ..inversion.value_input import ATTENTION_TARGETS, ValueInversionSettings, iterations_at
@@ -14,7 +15,6 @@ from ..lora_fit.loss_plot import loss_plot
 from .ddim_inversion import new_output_path, saved_files
 from .fit_style_lora import progress_text
 from .io_types import StyleInversion
-from .model_layers import latent_downscale, transformer_sites
 
 STYLE_INVERSION_SUFFIX = ".style-inversion.safetensors"
 
@@ -34,13 +34,10 @@ def check_vision_input(clip_vision, image) -> None:
 
 def check_latent(model, samples) -> None:
     channels = model.get_model_object("latent_format").latent_channels
-    multiple = 2 ** latent_downscale(model)
     if samples.ndim != 4 or samples.shape[0] != 1 or samples.shape[1] != channels:
         raise ValueError(f"latent: expected one image's latent (1, {channels}, height, width) from VAE Encode with "
                          f"this model's VAE, got {tuple(samples.shape)}")
-    if samples.shape[-2] % multiple or samples.shape[-1] % multiple:
-        raise ValueError(f"latent: {samples.shape[-2]}x{samples.shape[-1]}; this UNet needs sides divisible by "
-                         f"{multiple} (images divisible by {multiple * 8} pixels)")
+    adapter_for(model, "PromptEmbeddingInversion").check_latent_size(*samples.shape[-2:], "latent")
 
 
 class PromptEmbeddingInversion(io.ComfyNode):
@@ -115,7 +112,7 @@ class PromptEmbeddingInversion(io.ComfyNode):
         settings = ValueInversionSettings(inner_iterations=inner_iterations, learning_rate=learning_rate,
                                           attention_weight=attention_weight, early_stop=early_stop,
                                           attention_target=attention_target)
-        layers = coarsest_level_layers(transformer_sites(model, "PromptEmbeddingInversion"))
+        layers = coarsest_level_layers(list(adapter_for(model, "PromptEmbeddingInversion").sites))
         planned = [iterations_at(settings, i) for i in range(len(inversion_sigmas(model, scheduler, steps)) - 1)]
         bar, done = comfy.utils.ProgressBar(sum(planned)), [0]
         show = progress_text(cls.hidden.unique_id if cls.hidden is not None else None)

@@ -4,13 +4,14 @@ takes the reference's keys and values. Cross-attention is never touched."""
 from comfy_api.latest import io
 
 from ..attention_patches.kv_swap import KeyValueSwap
-from ..attention_patches.layers import LATE_SELF_ATTENTION, NVQG_LAYERS, all_layers, negative_layers, resolve_layers
+from ..attention_patches.layers import LATE_SELF_ATTENTION, NVQG_LAYERS, negative_layers
 from ..attention_patches.query_swap import QuerySwap
-from .model_layers import active_sigma_range, transformer_sites
+from ..glue.architectures import adapter_for
 from ..glue.color_calibration import install_color_calibration
 from ..glue.negative_query_guidance import install_negative_query_guidance
+from ..glue.schedule import active_sigma_range
 from ..glue.style_call import install_style_call
-from .style_inputs import (install_styled_self_attention, layer_inputs, new_owner, reference_input, schedule_inputs,
+from .style_inputs import (install_styled_attention, layer_inputs, new_owner, reference_input, schedule_inputs,
                            validate_reference)
 
 LAYERS_TOOLTIP = (
@@ -82,12 +83,12 @@ class VisualStylePrompting(io.ComfyNode):
         calibrate_colors=False, calibration_timestep=150, calibration_length=50, nvqg_weight=0.0,
         nvqg_layers="style_layers",
     ) -> io.NodeOutput:
-        sites = transformer_sites(model, "VisualStylePrompting")
-        selected = resolve_layers(sites, layers, custom_layers)
-        negative = negative_layers(all_layers(sites), selected, nvqg_layers) if nvqg_weight > 0 else []
+        adapter = adapter_for(model, "VisualStylePrompting")
+        selected = adapter.resolve(layers, custom_layers)
+        negative = negative_layers(adapter.layers(), selected, nvqg_layers) if nvqg_weight > 0 else []
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
-            validate_reference(reference, model, "reference")
+            validate_reference(reference, model, adapter, "reference")
         if calibrate_colors and reference is None:
             raise ValueError("calibrate_colors: needs a reference image (connect a Style Reference (Latent) or "
                              "(Inversion) to reference); an in-batch reference has no image to take colours from")
@@ -95,7 +96,7 @@ class VisualStylePrompting(io.ComfyNode):
         if strength == 0.0 or active_range.sigma_start == active_range.sigma_end:  # no style at all: nothing
             return io.NodeOutput(patched)
         owner = new_owner("VisualStylePrompting")
-        install_styled_self_attention(patched, selected, KeyValueSwap(strength), owner, cond_only=cond_only,
+        install_styled_attention(patched, adapter, selected, KeyValueSwap(strength), owner, cond_only=cond_only,
                                       negative_layers=negative, negative_method=QuerySwap())
         install_style_call(patched, owner, reference, active_range)
         if negative:  # before the calibration: that acts on the final prediction

@@ -11,7 +11,7 @@ from helpers import vsp
 from random_models import FULL_SD15_UNET, FULL_SDXL_UNET
 
 layers_module = pack_submodule("attention_patches.layers")
-model_layers = pack_submodule("nodes.model_layers")
+architectures = pack_submodule("glue.architectures")
 FULL_UNET_CONFIGS = {"SD15": FULL_SD15_UNET, "SDXL": FULL_SDXL_UNET}
 
 
@@ -24,7 +24,7 @@ def meta_model(name):
 
 @pytest.fixture(scope="module")
 def full_size_sites():
-    return {name: model_layers.transformer_sites(meta_model(name), "test") for name in ("SD15", "SDXL")}
+    return {name: list(architectures.adapter_for(meta_model(name), "test").sites) for name in ("SD15", "SDXL")}
 
 
 def test_late_preset_on_full_size_sdxl_is_the_papers_up_blocks_1(full_size_sites):
@@ -78,4 +78,4 @@ def test_plug_and_play_sites_on_full_size_models_are_the_authors_and_sdxls_mappi
         ("output", n, i) for n in (1, 2) for i in range(10)] + [("output", n, i) for n in (3, 4, 5) for i in (0, 1)]
     assert injection.resolve_feature_blocks(sdxl, 9, "plug_and_play") == [1]
     model = meta_model("SD15")
-    assert model_layers.residual_branch_end(model, 4, "feature_sites") == "diffusion_model.output_blocks.4.0.out_layers.3"
+    assert architectures.adapter_for(model, "test").residual_branch_end(model, 4, "feature_sites") == "diffusion_model.output_blocks.4.0.out_layers.3"

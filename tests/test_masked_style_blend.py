@@ -113,7 +113,7 @@ def test_masks_off_everywhere_are_the_base_and_on_everywhere_the_branch_over_a_w
     assert relative_error(lora_everywhere, run(lora_branch, positive, negative, steps=3)) < 1e-5
     # the branch's style node releases its last step's reference features when the blend's run ends
     run(blend(sd15.model, (styled, everywhere)), positive, negative, steps=1)
-    assert reference_pass_of(styled)._step == {}
+    assert reference_pass_of(styled).memory.features is None
 
 
 def test_soft_masks_composite_in_order_and_the_last_wins_where_hard_masks_overlap(sd15, lora_branch):

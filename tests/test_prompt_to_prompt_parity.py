@@ -28,7 +28,7 @@ value_inversion = pack_submodule("glue.value_inversion")
 lora_fit = pack_submodule("glue.lora_fit")
 style_inversion = pack_submodule("inversion.style_inversion")
 ddim = pack_submodule("inversion.ddim")
-model_layers = pack_submodule("nodes.model_layers")
+architectures = pack_submodule("glue.architectures")
 owners = pack_submodule("nodes.style_inputs")
 
 STEPS, CFG, SIZE, TOKENS = 4, 7.5, 8, 77
@@ -100,7 +100,7 @@ def ours(twins, inversion, prompts, source_map, own, taus=TAUS):
     model = twins.comfy_model
     kernel = attention.KernelAttention.of(comfy.ldm.modules.attention.optimized_attention)
     patched, _ = glue.edit_model(model, inversion, p2p.EditSchedule(STEPS, **taus),
-                                 p2p.CrossAttentionEdit(source_map, own), model_layers.transformer_sites(model, "test"),
+                                 p2p.CrossAttentionEdit(source_map, own), list(architectures.adapter_for(model, "test").sites),
                                  owners.new_owner("test"), kernel)
     positive, negative = comfy_conditioning(prompts)
     out = glue.run_edit(patched, inversion, positive, negative, None, None, model.model.latent_format)

@@ -1,0 +1,62 @@
+"""Each node finds its model family's adapter (glue/architectures/) from the model object and refuses,
+naming itself and the covered families, a model no adapter covers; every node installs through the
+one path of glue/site_patches.py."""
+
+import pytest
+import torch
+
+import random_dits
+from conftest import pack_submodule
+from helpers import run_node, style_aligned, vsp
+
+architectures = pack_submodule("glue.architectures")
+site_patches = pack_submodule("glue.site_patches")
+
+
+def test_unet_families_get_the_unet_adapter_with_their_sites(sd15, sdxl):
+    for models, downscale in ((sd15, 2), (sdxl, 2)):
+        adapter = architectures.adapter_for(models.model, "test")
+        assert type(adapter).__name__ == "UNetAdapter"
+        assert adapter.downscale == downscale
+        unet = models.model.get_model_object("diffusion_model")
+        blocks = [getattr(t, "transformer_blocks") for part in (unet.input_blocks, [unet.middle_block], unet.output_blocks)
+                  for block in part for t in block if hasattr(t, "transformer_blocks")]
+        assert len(adapter.layers()) == sum(len(b) for b in blocks) > 0
+
+
+@pytest.mark.parametrize("node", ["VisualStylePrompting", "StyleAlignedAttention", "CaptureAttentionMaps"])
+def test_a_flux_model_is_refused_naming_the_node_and_the_covered_families(node):
+    flux = random_dits.tiny_flux()
+    styled = {"VisualStylePrompting": lambda: vsp(flux), "StyleAlignedAttention": lambda: style_aligned(flux),
+              "CaptureAttentionMaps": lambda: run_node("CaptureAttentionMaps", model=flux, attention="self_attention",
+                                                       layers="all_self_attention", custom_layers="", start_percent=0.0,
+                                                       end_percent=1.0, max_megabytes=64)}[node]
+    with pytest.raises(ValueError, match=rf"{node} works on UNet models \(SD1.x, SD2.x, SDXL\); this model is Flux "
+                                         r"\(supported: UNet \(SD1.x, SD2.x, SDXL\)\)"):
+        styled()
+    assert "patches_replace" not in flux.model_options.get("transformer_options", {})
+
+
+def test_a_refused_claim_installs_nothing(sd15):
+    """All sites are checked before any is installed: a conflict at the last leaves the clone as it was."""
+    model = sd15.model.clone()
+    adapter = architectures.adapter_for(model, "test")
+    first, *_, last = adapter.layers()
+    model.set_model_attn1_replace(lambda q, k, v, extra: q, *last)
+    before = dict(model.model_options["transformer_options"]["patches_replace"]["attn1"])
+    with pytest.raises(site_patches.LayerConflictError, match=r"already have their self-attention replaced by another "
+                                                              r"node \(function\); Mine would overwrite it"):
+        site_patches.install_site_patches(model, adapter, {first: object(), last: object()}, "attn1",
+                                          site_patches.Claim("Mine"))
+    assert model.model_options["transformer_options"]["patches_replace"]["attn1"] == before
+
+
+def test_the_tiny_flux_samples_on_this_host():
+    flux = random_dits.tiny_flux()
+    assert type(flux.model.diffusion_model).__name__ == "Flux"
+    x = torch.randn(1, 16, 8, 8)
+    sigma = torch.tensor([0.5])
+    context = random_dits.flux_conditioning(0)[0]
+    out = flux.model.apply_model(x, sigma, c_crossattn=context[0], y=context[1]["pooled_output"],
+                                 guidance=torch.tensor([3.5]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
