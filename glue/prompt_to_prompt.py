@@ -23,7 +23,7 @@ from ..inversion.style_inversion import StyleInversion
 from ..inversion.value_input import ddim_step
 from .architectures import adapter_for
 from .guided_loop import run_guided_loop
-from .site_patches import Claim, claim_sites, install_site_patches
+from .site_patches import Claim, claim_sites
 from .style_call import install_style_call
 from .value_inversion import EVERY_SIGMA
 
@@ -79,7 +79,7 @@ def edit_model(model, inversion: StyleInversion, schedule: EditSchedule, edit: C
     its local blend collects (None without one)."""
     adapter = adapter_for(model, "PromptToPromptEdit")
     layers = [layer for site in sites for layer in site.layers()]
-    for kind in ("attn1", "attn2"):
+    for kind in ("attn1", "attn2"):  # every site of both kinds checked before anything is installed
         claim_sites(model, adapter, layers, kind, EDIT_CLAIM)
     maps = None if blend is None else BlendMaps(blend.words)
     patched = model.clone()
@@ -87,13 +87,13 @@ def edit_model(model, inversion: StyleInversion, schedule: EditSchedule, edit: C
     # self-attention maps are replaced at every attention level but the finest (the authors' "at most
     # 32x32 queries" at 512 px on SD1.5; SDXL at 1024 px: its 32x32 level, not its 64x64 one)
     finest = min(site.downsamplings for site in sites if site.depth > 0)
-    install_site_patches(patched, adapter, {
-        layer: PromptToPromptAttention(owner, attention, cross=False, self_replaced=site.downsamplings > finest)
-        for site in sites for layer in site.layers()}, "attn1", EDIT_CLAIM)
-    install_site_patches(patched, adapter, {
-        layer: PromptToPromptAttention(owner, attention, cross=True, edit=edit,
-                                       blend=maps if blend is not None and layer in blend.layers else None)
-        for layer in layers}, "attn2", EDIT_CLAIM)
+    for site in sites:
+        for layer in site.layers():
+            adapter.install(patched, layer, "attn1", PromptToPromptAttention(
+                owner, attention, cross=False, self_replaced=site.downsamplings > finest))
+            adapter.install(patched, layer, "attn2", PromptToPromptAttention(
+                owner, attention, cross=True, edit=edit,
+                blend=maps if blend is not None and layer in blend.layers else None))
     install_style_call(patched, owner, None, EVERY_SIGMA, recorded=EditPlan(inversion, schedule))
     return patched, maps
 

@@ -84,15 +84,14 @@ def install_styled_attention(model, adapter, layers: list, method: StyleMethod, 
     negative_method acts in the style's negative branch at negative_layers, styled or not (those not
     styled are plain outside that branch)."""
     negative_only = [layer for layer in negative_layers if layer not in layers]
-    claim_sites(model, adapter, layers, patch, Claim(str(owner)))
-    claim_sites(model, adapter, negative_only, patch, Claim(
-        str(owner), "nvqg_layers", "set nvqg_layers to style_layers, or give the other node other layers"))
+    # both claims are checked before anything is installed (a style claim yields no site)
+    sites = claim_sites(model, adapter, layers, patch, Claim(str(owner))) + claim_sites(
+        model, adapter, negative_only, patch,
+        Claim(str(owner), "nvqg_layers", "set nvqg_layers to style_layers, or give the other node other layers"))
     attention = KernelAttention.of(comfy.ldm.modules.attention.optimized_attention)
     plain_keys = ("self",) if patch == "attn1" else ("text",)
-    patches = {}
-    for layer in list(layers) + negative_only:
+    for layer in sites:
         styled = method if layer in layers else None
         methods = BranchMethods(styled, None if cond_only else styled,
                                 negative_method if layer in negative_layers else None)
-        patches[layer] = StyledAttention(layer, methods, owner, attention, plain_keys)
-    install_site_patches(model, adapter, patches, patch, Claim(str(owner)))
+        adapter.install(model, layer, patch, StyledAttention(layer, methods, owner, attention, plain_keys))
