@@ -20,7 +20,18 @@ Loop = Callable[[Callable, torch.Tensor, torch.Tensor, Callable], tuple[torch.Te
 
 def run_guided_loop(model, positive, negative, cfg: float, sigmas: torch.Tensor, samples: torch.Tensor,
                     loop: Loop) -> tuple[torch.Tensor, object]:
-    """(the loop's latent on ComfyUI's intermediate device, the loop's result)."""
+    """(the loop's latent on ComfyUI's intermediate device, the loop's result).
+
+    The latent is the sampler's state where the loop stopped, in LATENT space (the model's
+    process_latent_out), not what the guider returns: KSAMPLER.sample ends with
+    model_sampling.inverse_noise_scaling(sigmas[-1], x), which on flow models (CONST: Flux, SD3, Qwen)
+    divides by 1 - sigma, ComfyUI's convention for a latent with leftover noise (a later sampler's
+    noise_scaling multiplies its latent image by 1 - sigma again). The top of an ascending schedule is
+    sigma 1 exactly on those models: the division gives inf, and the state there can only enter a
+    sampler as its noise (noise_scaling(1, noise, image) ignores the image). On eps and v-prediction models inverse_noise_scaling is the identity and this
+    is the guider's own result bit for bit (the same float32 cast and process_latent_out on the same
+    device); loops that end at sigma 0 divide by 1 on flow models too.
+    """
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
@@ -34,10 +45,13 @@ def run_guided_loop(model, positive, negative, cfg: float, sigmas: torch.Tensor,
                 callback({"i": i, "x": x, "denoised": denoised, "sigma": sigmas[i + 1], "sigma_hat": sigmas[i + 1]})
 
         latent, result = loop(lambda x, s: denoiser(x, s, **extra_args), x, sigmas, on_step)
-        results.append(result)
-        return latent.to(x)
+        latent = latent.to(x)
+        results.append((latent, result))
+        return latent
 
     samples = comfy.sample.fix_empty_latent_channels(model, samples)
-    out = guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(sampler_function), sigmas,
-                        callback=preview, disable_pbar=True, seed=0)
-    return out.to(comfy.model_management.intermediate_device()), results[0]
+    guider.sample(torch.zeros_like(samples), samples, comfy.samplers.KSAMPLER(sampler_function), sigmas,
+                  callback=preview, disable_pbar=True, seed=0)
+    (latent, result), = results
+    out = model.model.process_latent_out(latent.to(torch.float32))
+    return out.to(comfy.model_management.intermediate_device()), result

@@ -1,11 +1,24 @@
 """DDIM inversion in ComfyUI's sigma space: a latent walked up the noise schedule.
 
-A latent x at noise level sigma is x0 + sigma * eps (what ComfyUI's k-diffusion samplers hold).
-DDIM with eta 0 moves between levels along eps: x_next = x + (sigma_next - sigma) * eps. Inversion
-takes the ascending schedule. As in diffusers' DDIMInverseScheduler and the papers' inversion code,
-the step sigma -> sigma_next predicts eps from the current latent labelled with sigma_next (at the
-first step sigma is 0, where nothing else is defined): the model sees the current latent scaled as
-it would be at sigma, i.e. the denoiser is called on x * c_in(sigma) / c_in(sigma_next).
+The latent x at noise level sigma is what ComfyUI's k-diffusion samplers hold and what its
+noise_scaling makes from a clean latent x0 and noise n: x0 + sigma * n on eps and v-prediction models,
+(1 - sigma) * x0 + sigma * n on flow models (CONST: Flux, SD3, Qwen). Both samplers and this walk
+take eps = (x - denoised) / sigma, the noise on the first and the velocity n - x0 on the second, and
+step x_next = x + (sigma_next - sigma) * eps. That Euler step is DDIM with eta 0 on both: the x0 and n
+that x and eps imply at sigma (x0 = x - sigma * eps on both; n = eps, or x + (1 - sigma) * eps),
+noised again to sigma_next, give the same x_next, both paths being straight lines in sigma for fixed
+x0 and n. So the walk reverses ComfyUI's euler sampler on both, up to the error of the label below.
+
+Inversion takes the ascending schedule. As in diffusers' DDIMInverseScheduler and the papers' inversion
+code, the step sigma -> sigma_next predicts eps from the current latent labelled with sigma_next (at the
+first step sigma is 0, where eps is not defined), the same label euler uses when stepping back from
+sigma_next: the model sees the current latent scaled as it would be at sigma, i.e. the denoiser is
+called on x * c_in(sigma) / c_in(sigma_next). c_in is 1 on flow models (CONST's calculate_input is the
+identity), so there the denoiser sees x itself.
+
+The trajectory keeps x in that same space at every sigma: the Style Reference (Inversion) feeds the
+latent at sigma to the model at sigma, as a sampler would. On flow models the top (sigma 1) is pure
+noise in that space; a sampler takes it as its noise, since noise_scaling(1, n, x0) ignores x0.
 """
 
 from collections.abc import Callable
@@ -59,7 +72,7 @@ def invert(
     """Walk x (clean, at sigmas[0] = 0) up the ascending sigmas; return every intermediate latent.
 
     input_scale(sigma) is the model's c_in at sigma (1 / sqrt(sigma^2 + sigma_data^2) for eps and
-    v-prediction models). on_step(i, x, denoised) is called after each step.
+    v-prediction models, 1 for flow models). on_step(i, x, denoised) is called after each step.
 
     The walk runs in at least float32 whatever x's dtype (a no-op for ComfyUI's float32 latents), the
     latents kept in x's dtype: in float16 the sigmas handed to the denoiser would be rounded (14.6146
