@@ -6,22 +6,28 @@ import torch
 
 from .attention import AttentionFunction
 from .reference import ReferenceFeatures
+from .token_layout import UNET_LAYOUT, TokenLayout
 
 
 @dataclass(frozen=True)
 class KeyValueSwap:
-    """strength 1 is the paper; below 1 the output moves linearly back toward plain self-attention."""
+    """strength 1 is the paper; below 1 the output moves linearly back toward plain self-attention.
+
+    On a DiT's joint attention only the image rows' keys and values are the reference's (Stable Flow's
+    swap on Flux): the text rows (and Kontext's extra rows) keep the target's own. The reference's
+    keys carry the positions of its own pass; for a reference of the target's size these are the
+    target's, which is Stable Flow's swap before RoPE."""
 
     strength: float = 1.0
     key_sources = ("reference",)  # the swapped attention's keys; the plain call at strength < 1 comes second
 
     def __call__(
         self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None,
-        timestep: float | None = None,
+        timestep: float | None = None, layout: TokenLayout = UNET_LAYOUT,
     ) -> torch.Tensor:
-        batch = query.shape[0]
         styled = attention(
-            query, reference.key.expand(batch, -1, -1), reference.value.expand(batch, -1, -1), heads, attn_precision=attn_precision
+            query, layout.with_image(key, reference.key), layout.with_image(value, reference.value), heads,
+            attn_precision=attn_precision,
         )
         if self.strength == 1.0:
             return styled

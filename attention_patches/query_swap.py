@@ -8,6 +8,7 @@ import torch
 
 from .attention import AttentionFunction
 from .reference import ReferenceFeatures, StyleReferenceError
+from .token_layout import UNET_LAYOUT, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,12 @@ class QuerySwap:
 
     def __call__(
         self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None,
-        timestep: float | None = None,
+        timestep: float | None = None, layout: TokenLayout = UNET_LAYOUT,
     ) -> torch.Tensor:
-        if reference.query.shape[1:] != query.shape[1:]:
+        image = layout.image_rows(query.shape[1])
+        if reference.query.shape[1:] != query[:, image].shape[1:]:
             raise StyleReferenceError(
                 f"nvqg_weight: the reference has {reference.query.shape[1]} tokens at this layer and the targets "
-                f"{query.shape[1]}; swapping queries needs a reference latent of the generated latent's size and "
+                f"{image.stop - image.start}; swapping queries needs a reference latent of the generated latent's size and "
                 "a negative prompt over the whole image (no area or mask bounds)")
-        return attention(reference.query.expand(query.shape[0], -1, -1), key, value, heads, attn_precision=attn_precision)
+        return attention(layout.with_image(query, reference.query), key, value, heads, attn_precision=attn_precision)

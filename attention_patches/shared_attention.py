@@ -8,6 +8,7 @@ import torch
 from .attention import AttentionFunction
 from .precision import at_least_float32
 from .reference import ReferenceFeatures
+from .token_layout import UNET_LAYOUT, TokenLayout, rotate, unpositioned_reference
 
 ADAIN_EPS = 1e-5
 
@@ -46,6 +47,12 @@ class SharedAttention:
     share_attention: keys and values are [the target's ; the reference's]; otherwise only AdaIN acts.
     score_scale multiplies the reference's keys (its attention scores); score_shift is added to the
     scores of the reference part (the original uses log 2 for transfer from a real image).
+
+    On a DiT's joint attention (AlignedGen's StyleAligned on Flux) AdaIN acts on the image rows alone,
+    on the features without their rotary positions (AlignedGen: after QK-norm, before RoPE), and the
+    reference's image keys and values are appended to every row's; reference_beside puts the appended
+    keys one image width to the right of the target (AlignedGen), off they keep the reference's own
+    positions, on top of the target's. AlignedGen's style factor (1.1) is score_scale.
     """
 
     share_attention: bool = True
@@ -54,21 +61,27 @@ class SharedAttention:
     adain_values: bool = False
     score_scale: float = 1.0
     score_shift: float = 0.0
+    reference_beside: bool = True
 
     def __call__(
         self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction, attn_precision=None,
-        timestep: float | None = None,
+        timestep: float | None = None, layout: TokenLayout = UNET_LAYOUT,
     ) -> torch.Tensor:
+        if self.adain_queries or self.adain_keys:
+            reference_query, reference_key = unpositioned_reference(reference)
         if self.adain_queries:
-            query = adain(query, reference.query)
+            query = layout.positioned(query, adain(layout.unpositioned(query), reference_query))
         if self.adain_keys:
-            key = adain(key, reference.key)
+            key = layout.positioned(key, adain(layout.unpositioned(key), reference_key))
         if self.adain_values:
-            value = adain(value, reference.value)
+            value = layout.with_image(value, adain(value[:, layout.image_rows(value.shape[1])], reference.value))
         if not self.share_attention:
             return attention(query, key, value, heads, attn_precision=attn_precision)
         batch = query.shape[0]
-        key = torch.cat([key, self.score_scale * reference.key.expand(batch, -1, -1)], dim=1)
+        shared_key = reference.key
+        if self.reference_beside and layout.beside is not None:
+            shared_key = rotate(shared_key, layout.beside)
+        key = torch.cat([key, self.score_scale * shared_key.expand(batch, -1, -1)], dim=1)
         value = torch.cat([value, reference.value.expand(batch, -1, -1)], dim=1)
         if self.score_shift == 0.0:
             return attention(query, key, value, heads, attn_precision=attn_precision)

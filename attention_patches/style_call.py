@@ -37,13 +37,15 @@ class StyleOwner:
 class StyleCall:
     """A style that is on in this model call: the call's cond/uncond layout, for an external
     reference its features (recording during the reference's own pass, replaying after), the
-    model timestep of the call for behaviours that follow the schedule (None where none asks), and
-    whether the call is the style's negative branch (StyleKeeper's negative visual query guidance)."""
+    model timestep of the call for behaviours that follow the schedule (None where none asks),
+    whether the call is the style's negative branch (StyleKeeper's negative visual query guidance),
+    and on a DiT the call's tokens (TokenGrid; None on a UNet, whose layers see image tokens alone)."""
 
     cond_or_uncond: tuple[int, ...]
     store: ReferenceFeatureStore | None
     timestep: float | None = None
     negative: bool = False
+    tokens: object = None
 
 
 @dataclass

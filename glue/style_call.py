@@ -37,6 +37,7 @@ class StyleCallWrapper:
     slot_range: SigmaRange | None = None  # where norm_call's modules act, when not active_range
     with_timestep: bool = False  # StyleCalls carry the model timestep
     recorded: FeatureStore | None = None  # the reference's features recorded by another run: no pass here
+    tokens: object = None  # the adapter's token_grid(x, c_crossattn) on a DiT, None on a UNet
     memory: "StepMemory" = field(default_factory=lambda: StepMemory(), compare=False, repr=False)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -54,7 +55,8 @@ class StyleCallWrapper:
         elif self.reference is not None:
             store = self._reference_features(executor, t[:1], sigma, x, transformer_options)
         call = StyleCall(tuple(transformer_options["cond_or_uncond"]), store, self._timestep(executor, t, sigma),
-                         negative=transformer_options.get(NEGATIVE_OPTION) == self.owner)
+                         negative=transformer_options.get(NEGATIVE_OPTION) == self.owner,
+                         tokens=None if self.tokens is None else self.tokens(x, c_crossattn))
         options = dict(transformer_options)
         if layers_on:
             options[CALLS_OPTION] = {**transformer_options.get(CALLS_OPTION, {}), self.owner: call}
@@ -98,9 +100,10 @@ class StyleCallWrapper:
         for slot in others:
             slot.current = None
         try:
+            c_concat, c_crossattn = inputs.pop("c_concat", None), inputs.pop("c_crossattn", None)
+            tokens = None if self.tokens is None else self.tokens(reference_x, c_crossattn)
             _, store = recording_pass(executor, self.owner, self.norm_call, self._timestep(executor, sigma, sigma_value),
-                                      reference_x, sigma, inputs.pop("c_concat", None), inputs.pop("c_crossattn", None),
-                                      None, options, **inputs)
+                                      reference_x, sigma, c_concat, c_crossattn, None, options, tokens=tokens, **inputs)
         finally:
             for slot, current in zip(others, saved):
                 slot.current = current
@@ -111,11 +114,11 @@ class StyleCallWrapper:
 
 
 def recording_pass(executor, owner: StyleOwner, slot: ModelCallSlot | None, timestep: float | None, x, t, c_concat,
-                   c_crossattn, control, transformer_options: dict, **kwargs):
+                   c_crossattn, control, transformer_options: dict, tokens=None, **kwargs):
     """One model call in which owner's layers (and the modules behind slot) record what they see and
     every other style of this pack is off: (the call's output, its ReferenceFeatureStore)."""
     store = ReferenceFeatureStore()
-    call = StyleCall((0,), store, timestep)
+    call = StyleCall((0,), store, timestep, tokens=tokens)
     options = {**transformer_options, RECORDING_OPTION: owner, CALLS_OPTION: {owner: call}}
     if slot is not None:
         slot.current = call
@@ -130,11 +133,12 @@ def recording_pass(executor, owner: StyleOwner, slot: ModelCallSlot | None, time
 def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner, reference: ExternalReference | None,
                        active_range: SigmaRange, norm_call: ModelCallSlot | None = None,
                        slot_range: SigmaRange | None = None, with_timestep: bool = False,
-                       recorded: FeatureStore | None = None) -> None:
+                       recorded: FeatureStore | None = None, tokens=None) -> None:
     """The wrapper (and, with a cache, its unload callback) under keys of this node's own."""
     cache = None if reference is None else reference.new_cache()
     key = f"{WRAPPER_KEY_PREFIX}{owner.node_id}.{owner.uid}"
-    wrapper = StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range, with_timestep, recorded)
+    wrapper = StyleCallWrapper(owner, reference, active_range, norm_call, cache, slot_range, with_timestep, recorded,
+                               tokens=tokens)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
     if reference is not None:
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, ForgetStep(wrapper.memory))
