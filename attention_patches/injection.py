@@ -19,6 +19,7 @@ from .attention import AttentionFunction
 from .layers import LayerSelectionError, SelfAttentionLayer, TransformerSite, all_layers, resolve_custom_layers
 from .reference import ReferenceFeatures, StyleReferenceError
 from .style_call import ModelCallSlot, StyleOwner
+from .token_layout import UNET_LAYOUT, TokenLayout
 
 SIZE_HINT = "sample the content's inverted latent itself (same size as the content image)"
 
@@ -38,12 +39,13 @@ def blended(target: torch.Tensor, source: torch.Tensor, rate: float) -> torch.Te
 @dataclass(frozen=True)
 class QueryKeyInjection:
     """A StyleMethod: the targets attend with the source's queries and keys blended into theirs (in
-    cross-attention, key_sources ("text",), the keys are the source prompt's)."""
+    cross-attention, key_sources ("text",), the keys are the source prompt's). UNet layers only: every
+    row is an image token (layout is the UNet's)."""
 
     key_sources: tuple[str, ...] = ("self",)
 
     def __call__(self, query, key, value, reference: ReferenceFeatures, heads: int, attention: AttentionFunction,
-                 attn_precision=None, timestep: float | None = None) -> torch.Tensor:
+                 attn_precision=None, timestep: float | None = None, layout: TokenLayout = UNET_LAYOUT) -> torch.Tensor:
         if reference.query.shape[1:] != query.shape[1:]:
             raise StyleReferenceError(
                 f"the content has {reference.query.shape[1]} tokens at a self-attention layer where the sampled "
