@@ -1,11 +1,15 @@
 """StyleKeeper's colour calibration in ComfyUI: a post-CFG function that gives the guided denoised
 prediction (every row: with an external reference all rows are targets) the reference's clean latent's
 per-channel statistics, in the authors' window of model timesteps (strictly between start - length and
-start: their code's 150 > t > 100)."""
+start: their code's 150 > t > 100). On a flow model (Flux) the model's timestep is sigma itself; there the
+window is read on diffusers' flow scale, t = 1000 * sigma (Flux pipelines' timesteps), so the same
+numbers mean the same late part of the schedule."""
 
 from dataclasses import dataclass
 
 import torch
+
+import comfy.model_sampling
 
 from ..attention_patches.color_calibration import channel_calibrated
 from .references import ExternalReference
@@ -20,7 +24,12 @@ class ColorCalibration:
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
         # the sampling model's own schedule at call time (a later ModelSampling node may have changed it)
-        timestep = float(args["model"].model_sampling.timestep(args["sigma"].flatten()[:1])[0])
+        model_sampling = args["model"].model_sampling
+        sigma = args["sigma"].flatten()[:1]
+        if isinstance(model_sampling, comfy.model_sampling.CONST):
+            timestep = 1000.0 * float(sigma[0])
+        else:
+            timestep = float(model_sampling.timestep(sigma)[0])
         if not self.timestep_low < timestep < self.timestep_high:
             return denoised
         reference = self.reference.clean_latent(args["model"]).to(denoised)

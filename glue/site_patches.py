@@ -64,7 +64,7 @@ def claim_sites(model, adapter, sites: Sequence, kind: str, claim: Claim) -> lis
                                                names=", ".join(names), other=other, remedy=claim.remedy))
     for patch_type, names in foreign.items():
         raise LayerConflictError(claim.foreign.format(input_name=claim.input_name, names=", ".join(names),
-                                                      what=KIND_NAMES.get(kind, kind), kind=kind,
+                                                      what=getattr(adapter, "kind_names", KIND_NAMES).get(kind, kind), kind=kind,
                                                       patch_type=patch_type, claimant=claim.claimant))
     return free
 

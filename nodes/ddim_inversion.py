@@ -39,9 +39,10 @@ class DDIMInversion(io.ComfyNode):
             display_name="DDIM Inversion",
             category="style_attention/inversion",
             description="Walks a latent up the noise schedule (DDIM with eta 0, reversed). Sampling the result with "
-            "the same steps, scheduler and cfg, the euler or ddim sampler and no added noise gives the latent back.",
+            "the same steps, scheduler and cfg, the euler or ddim sampler and no added noise gives the latent back "
+            "(on a flow model such as Flux the result is the noise of sigma 1: the sampler must take it as its noise).",
             inputs=[
-                io.Model.Input("model", tooltip="The model to invert with (eps or v-prediction)."),
+                io.Model.Input("model", tooltip="The model to invert with (eps, v-prediction or flow: Flux)."),
                 io.Latent.Input("latent", tooltip="The image to invert, VAE-encoded."),
                 io.Conditioning.Input("positive", tooltip="What the image shows; sample with the same prompt."),
                 io.Conditioning.Input("negative", tooltip="Used when cfg is not 1."),

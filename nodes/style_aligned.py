@@ -7,11 +7,11 @@ import comfy.model_base
 import comfy.model_patcher
 from comfy_api.latest import io
 
-from ..attention_patches.layers import ALL_SELF_ATTENTION
 from ..attention_patches.shared_attention import SharedAttention
 from ..attention_patches.shared_norm import SharedGroupNorm
 from ..attention_patches.style_call import ModelCallSlot, StyleOwner
-from ..glue.architectures import adapter_for
+from ..glue.architectures import ADAPTERS, AUTO, LAYER_CHOICES, adapter_for, resolve_layers
+from ..glue.architectures.unet import UNetAdapter
 from ..glue.schedule import active_sigma_range
 from ..glue.stand_ins import behaviours_of, layer_weights, stand_in
 from ..glue.style_call import install_style_call
@@ -19,10 +19,16 @@ from .style_inputs import (LayerConflictError, install_styled_attention, layer_i
                            reference_input, schedule_inputs, validate_reference)
 
 SHARED_NORM_CHOICES = ["auto", "on", "off"]
+REFERENCE_POSITIONS = ("beside", "same")
 
 
-def shares_group_norm(model: comfy.model_patcher.ModelPatcher, choice: str) -> bool:
-    """auto follows the original notebooks: on for SD1.x/SD2.x, off for SDXL."""
+def shares_group_norm(model: comfy.model_patcher.ModelPatcher, adapter, choice: str) -> bool:
+    """auto follows the original notebooks: on for SD1.x/SD2.x, off for SDXL; a DiT has no GroupNorm."""
+    if not isinstance(adapter, UNetAdapter):
+        if choice == "on":
+            raise ValueError(f"shared_group_norm: on has no meaning on {adapter.family}: the model has no GroupNorm "
+                             "(its blocks normalise each token alone); set it to auto or off")
+        return False
     if choice == "auto":
         return not isinstance(model.model, comfy.model_base.SDXL)
     return choice == "on"
@@ -83,9 +89,17 @@ class StyleAlignedAttention(io.ComfyNode):
                 io.Combo.Input("shared_group_norm", options=SHARED_NORM_CHOICES, default="auto",
                                tooltip="Targets' GroupNorm statistics computed jointly with the reference. auto: on "
                                "for SD1.x/SD2.x, off for SDXL, as in the original notebooks."),
-                *layer_inputs(ALL_SELF_ATTENTION, "Which self-attention layers are shared. The paper shares all."),
+                *layer_inputs(AUTO, "Which attention layers are shared. auto: all_self_attention on a UNet (the "
+                              "paper shares all), single_blocks on Flux (AlignedGen shares all 38 single blocks).",
+                              LAYER_CHOICES),
                 *schedule_inputs(),
                 reference_input(),
+                io.Combo.Input("reference_positions", options=list(REFERENCE_POSITIONS), default="beside",
+                               tooltip="Flux only (a UNet's attention has no positions): beside places the "
+                               "reference's shared keys one image width to the right of the target (AlignedGen), so "
+                               "the target does not read it as its own content; same keeps the reference's own "
+                               "positions, on top of the target's. AlignedGen's style factor 1.1 is "
+                               "shared_score_scale."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -93,17 +107,21 @@ class StyleAlignedAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, share_attention, adain_queries, adain_keys, adain_values, shared_score_scale,
                 shared_score_shift, shared_group_norm, layers, custom_layers, start_percent, end_percent,
-                reference=None) -> io.NodeOutput:
-        adapter = adapter_for(model, "StyleAlignedAttention")
-        selected = adapter.resolve(layers, custom_layers)
+                reference=None, reference_positions="beside") -> io.NodeOutput:
+        adapter = adapter_for(model, "StyleAlignedAttention", ADAPTERS)
+        selected = resolve_layers(adapter, layers, custom_layers, "style_aligned")
+        if reference_positions not in REFERENCE_POSITIONS:
+            raise ValueError(f"reference_positions: expected one of {', '.join(REFERENCE_POSITIONS)}, "
+                             f"not {reference_positions!r}")
         active_range = active_sigma_range(model, start_percent, end_percent)
+        shared_norms = shares_group_norm(model, adapter, shared_group_norm)
         if reference is not None:
             validate_reference(reference, model, adapter, "reference")
         method = SharedAttention(share_attention, adain_queries, adain_keys, adain_values, shared_score_scale,
-                                 shared_score_shift)
+                                 shared_score_shift, reference_beside=reference_positions == "beside")
         patched = model.clone()
         owner = new_owner("StyleAlignedAttention")
         install_styled_attention(patched, adapter, selected, method, owner)
-        norm_call = install_shared_group_norms(patched, owner) if shares_group_norm(model, shared_group_norm) else None
-        install_style_call(patched, owner, reference, active_range, norm_call)
+        norm_call = install_shared_group_norms(patched, owner) if shared_norms else None
+        install_style_call(patched, owner, reference, active_range, norm_call, tokens=getattr(adapter, "token_grid", None))
         return io.NodeOutput(patched)

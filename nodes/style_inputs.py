@@ -12,15 +12,14 @@ from ..glue.site_patches import LayerConflictError, install_styled_attention  # 
 from .io_types import StyleReference
 
 
-def layer_inputs(default: str, tooltip: str) -> list:
+def layer_inputs(default: str, tooltip: str, choices=PRESETS) -> list:
+    custom = ("Used when layers is custom: block.number (every depth) or block.number.index, comma separated, "
+              "e.g. output.3, output.4.1")
+    if "single_blocks" in choices:
+        custom += "; on Flux double.N, single.N, or double / single for all of them, e.g. double.0, single"
     return [
-        io.Combo.Input("layers", options=list(PRESETS), default=default, tooltip=tooltip),
-        io.String.Input(
-            "custom_layers",
-            default="",
-            tooltip="Used when layers is custom: block.number (every depth) or block.number.index, comma "
-            "separated, e.g. output.3, output.4.1",
-        ),
+        io.Combo.Input("layers", options=list(choices), default=default, tooltip=tooltip),
+        io.String.Input("custom_layers", default="", tooltip=custom),
     ]
 
 

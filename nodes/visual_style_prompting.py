@@ -4,9 +4,9 @@ takes the reference's keys and values. Cross-attention is never touched."""
 from comfy_api.latest import io
 
 from ..attention_patches.kv_swap import KeyValueSwap
-from ..attention_patches.layers import LATE_SELF_ATTENTION, NVQG_LAYERS, negative_layers
+from ..attention_patches.layers import NVQG_LAYERS, negative_layers
 from ..attention_patches.query_swap import QuerySwap
-from ..glue.architectures import adapter_for
+from ..glue.architectures import ADAPTERS, AUTO, LAYER_CHOICES, adapter_for, resolve_layers
 from ..glue.color_calibration import install_color_calibration
 from ..glue.negative_query_guidance import install_negative_query_guidance
 from ..glue.schedule import active_sigma_range
@@ -15,9 +15,11 @@ from .style_inputs import (install_styled_attention, layer_inputs, new_owner, re
                            validate_reference)
 
 LAYERS_TOOLTIP = (
-    "Which self-attention layers take the reference's keys and values. late_self_attention: the "
-    "decoder's attention levels above its coarsest one (SDXL output blocks 3-5, as in the paper; SD1.5 "
-    "output blocks 6-11). custom: the custom_layers list."
+    "Which attention layers take the reference's keys and values. auto: late_self_attention on a UNet, "
+    "vital_blocks on Flux. late_self_attention (UNet): the decoder's attention levels above its coarsest one "
+    "(SDXL output blocks 3-5, as in the paper; SD1.5 output blocks 6-11). vital_blocks (Flux): Stable Flow's "
+    "vital layers (double 0, 1, 17, 18; single 6, 9, 34, 35, 37 on Flux.1); on Flux only the image tokens' keys "
+    "and values are swapped, the prompt's stay. custom: the custom_layers list."
 )
 
 
@@ -32,7 +34,7 @@ class VisualStylePrompting(io.ComfyNode):
             "values in the selected layers (Visual Style Prompting, Jeong et al. 2024).",
             inputs=[
                 io.Model.Input("model", tooltip="The model to style; it is cloned, never changed."),
-                *layer_inputs(LATE_SELF_ATTENTION, LAYERS_TOOLTIP),
+                *layer_inputs(AUTO, LAYERS_TOOLTIP, LAYER_CHOICES),
                 io.Float.Input(
                     "strength", default=1.0, min=0.0, max=1.0, step=0.01,
                     tooltip="1 is the paper's swap; lower values blend toward the target's own attention; 0 is off.",
@@ -83,8 +85,8 @@ class VisualStylePrompting(io.ComfyNode):
         calibrate_colors=False, calibration_timestep=150, calibration_length=50, nvqg_weight=0.0,
         nvqg_layers="style_layers",
     ) -> io.NodeOutput:
-        adapter = adapter_for(model, "VisualStylePrompting")
-        selected = adapter.resolve(layers, custom_layers)
+        adapter = adapter_for(model, "VisualStylePrompting", ADAPTERS)
+        selected = resolve_layers(adapter, layers, custom_layers, "visual_style_prompting")
         negative = negative_layers(adapter.layers(), selected, nvqg_layers) if nvqg_weight > 0 else []
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
@@ -97,8 +99,8 @@ class VisualStylePrompting(io.ComfyNode):
             return io.NodeOutput(patched)
         owner = new_owner("VisualStylePrompting")
         install_styled_attention(patched, adapter, selected, KeyValueSwap(strength), owner, cond_only=cond_only,
-                                      negative_layers=negative, negative_method=QuerySwap())
-        install_style_call(patched, owner, reference, active_range)
+                                 negative_layers=negative, negative_method=QuerySwap())
+        install_style_call(patched, owner, reference, active_range, tokens=getattr(adapter, "token_grid", None))
         if negative:  # before the calibration: that acts on the final prediction
             install_negative_query_guidance(patched, owner, nvqg_weight, active_range, reference)
         if calibrate_colors:

@@ -1,5 +1,6 @@
-"""Tiny Flux-family DiTs with random weights, built through comfy.supported_models as a real file of
-that family would be (hidden 64, 2 heads, 2 double and 2 single blocks): no weights are downloaded.
+"""Tiny Flux-family DiTs (Flux.1, Chroma) with random weights, built through comfy.supported_models as a
+real file of that family would be (hidden 64, 2 heads, 2 double and 2 single blocks): no weights are
+downloaded.
 
 Conditioning is built directly: [[context (1, tokens, TEXT_DIM), {"pooled_output": (1, POOLED_DIM),
 "guidance": 3.5}]] (flux_conditioning)."""
@@ -8,6 +9,7 @@ import dataclasses
 
 import torch
 
+import comfy.ldm.chroma.model
 import comfy.ldm.flux.model
 import comfy.supported_models
 from random_models import model_patcher
@@ -28,9 +30,34 @@ def tiny_flux_config(**overrides) -> dict:
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None,
               **overrides):
-    """A tiny Flux.1 (dev: guidance embedded; schnell with guidance_embed=False) ModelPatcher."""
+    """A tiny Flux.1 (dev: guidance embedded; schnell with guidance_embed=False) ModelPatcher, its QK-norm
+    scales drawn as a trained model has them (_sharpened)."""
     model_config = comfy.supported_models.Flux(tiny_flux_config(**overrides))
-    return model_patcher(model_config, seed, dtype, manual_cast_dtype)
+    return _sharpened(model_patcher(model_config, seed, dtype, manual_cast_dtype), seed)
+
+
+def tiny_chroma(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
+    """A tiny Chroma (Flux's blocks, modulation from a distilled approximator instead of per-block layers),
+    its QK-norm scales drawn as tiny_flux's."""
+    config = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,
+              "context_in_dim": TEXT_DIM, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+              "depth_single_blocks": 2, "axes_dim": [4, 14, 14], "theta": 10000, "qkv_bias": True,
+              "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1}
+    fields = {field.name for field in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams)}
+    config.update({name: value for name, value in (("txt_ids_dims", []), ("vec_in_dim", None)) if name in fields})
+    return _sharpened(model_patcher(comfy.supported_models.Chroma(config), seed, dtype, manual_cast_dtype), seed)
+
+
+def _sharpened(patcher, seed: int):
+    """QK-norm scales uniform in [1, 2.5], as a trained model has them (near 1 and above): the generic
+    N(0, 0.02) of parameters without reset_parameters would make every attention almost uniform, where
+    positions (RoPE) and anything else that moves the scores barely move the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in patcher.model.diffusion_model.named_parameters():
+            if name.endswith(("query_norm.scale", "key_norm.scale")):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 1.5 + 1.0)
+    return patcher
 
 
 def flux_conditioning(seed: int, tokens: int = 8, guidance: float | None = 3.5) -> list:

@@ -24,17 +24,34 @@ def test_unet_families_get_the_unet_adapter_with_their_sites(sd15, sdxl):
         assert len(adapter.layers()) == sum(len(b) for b in blocks) > 0
 
 
-@pytest.mark.parametrize("node", ["VisualStylePrompting", "StyleAlignedAttention", "CaptureAttentionMaps"])
-def test_a_flux_model_is_refused_naming_the_node_and_the_covered_families(node):
+@pytest.mark.parametrize("node", ["CaptureAttentionMaps", "PromptToPromptEdit"])
+def test_a_node_not_on_flux_refuses_it_naming_itself_and_the_covered_families(node):
     flux = random_dits.tiny_flux()
-    styled = {"VisualStylePrompting": lambda: vsp(flux), "StyleAlignedAttention": lambda: style_aligned(flux),
-              "CaptureAttentionMaps": lambda: run_node("CaptureAttentionMaps", model=flux, attention="self_attention",
-                                                       layers="all_self_attention", custom_layers="", start_percent=0.0,
-                                                       end_percent=1.0, max_megabytes=64)}[node]
-    with pytest.raises(ValueError, match=rf"{node} works on UNet models \(SD1.x, SD2.x, SDXL\); this model is Flux "
-                                         r"\(supported: UNet \(SD1.x, SD2.x, SDXL\)\)"):
-        styled()
+    run = {"CaptureAttentionMaps": lambda: run_node("CaptureAttentionMaps", model=flux, attention="self_attention",
+                                                    layers="all_self_attention", custom_layers="", start_percent=0.0,
+                                                    end_percent=1.0, max_megabytes=64),
+           "PromptToPromptEdit": lambda: architectures.adapter_for(flux, "PromptToPromptEdit")}[node]
+    with pytest.raises(ValueError, match=rf"{node} works on UNet models \(SD1.x, SD2.x, SDXL\); this model is Flux$"):
+        run()
     assert "patches_replace" not in flux.model_options.get("transformer_options", {})
+
+
+def test_the_style_nodes_take_flux_and_name_both_families_for_another_model(sd15):
+    flux = random_dits.tiny_flux()
+    adapter = architectures.adapter_for(flux, "test", architectures.ADAPTERS)
+    assert type(adapter).__name__ == "FluxAdapter" and (adapter.double, adapter.single) == (2, 2)
+    patched = vsp(flux, layers="auto")
+    assert set(patched.model_options["transformer_options"]["patches_replace"]["dit"]) == {
+        ("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)}
+
+    class NotAUNet(torch.nn.Module):
+        pass
+
+    other = sd15.model.clone()
+    other.add_object_patch("diffusion_model", NotAUNet())
+    with pytest.raises(ValueError, match=r"StyleAlignedAttention works on UNet models \(SD1.x, SD2.x, SDXL\) and Flux "
+                                         r"models \(Flux.1, Kontext, Chroma\); this model is NotAUNet"):
+        style_aligned(other)
 
 
 def test_a_refused_claim_installs_nothing(sd15):

@@ -7,7 +7,8 @@ import pytest
 import comfy.model_patcher
 import comfy.supported_models
 from conftest import pack_submodule
-from helpers import vsp
+import random_dits
+from helpers import style_aligned, vsp
 from random_models import FULL_SD15_UNET, FULL_SDXL_UNET
 
 layers_module = pack_submodule("attention_patches.layers")
@@ -79,3 +80,42 @@ def test_plug_and_play_sites_on_full_size_models_are_the_authors_and_sdxls_mappi
     assert injection.resolve_feature_blocks(sdxl, 9, "plug_and_play") == [1]
     model = meta_model("SD15")
     assert architectures.adapter_for(model, "test").residual_branch_end(model, 4, "feature_sites") == "diffusion_model.output_blocks.4.0.out_layers.3"
+
+
+def flux1_adapter():
+    """Flux.1's block counts (19 double, 38 single), as a full-size model's adapter holds them."""
+    flux = pack_submodule("glue.architectures.flux")
+    return flux.FluxAdapter(19, 38, 2, 10000, (16, 56, 56))
+
+
+def test_flux_presets_are_stable_flows_vital_layers_and_alignedgens_single_blocks():
+    adapter = flux1_adapter()
+    assert architectures.resolve_layers(adapter, "auto", "", "visual_style_prompting") == [
+        ("double", 0), ("double", 1), ("double", 17), ("double", 18),
+        ("single", 6), ("single", 9), ("single", 34), ("single", 35), ("single", 37)]
+    assert architectures.resolve_layers(adapter, "auto", "", "style_aligned") == [("single", i) for i in range(38)]
+    assert len(adapter.resolve("all_blocks")) == 57
+    assert adapter.resolve("custom", "single.3, double, single.3") == [("single", 3), *(("double", i) for i in range(19))]
+
+
+@pytest.mark.parametrize("preset,custom,message", [
+    ("late_self_attention", "", r"layers: 'late_self_attention' is a preset of another model family; this model is "
+                                r"Flux \(Flux.1, Kontext, Chroma\): choose auto or one of vital_blocks, single_blocks"),
+    ("custom", "output.3", r"custom_layers: cannot read 'output.3'; on Flux \(Flux.1, Kontext, Chroma\) expected double.N"),
+    ("custom", "single.38", r"custom_layers: this model has no single.38 \(19 double and 38 single blocks\)"),
+    ("custom", " , ", r"custom_layers: empty"),
+])
+def test_flux_layer_choices_are_checked_by_name(preset, custom, message):
+    with pytest.raises(ValueError, match=message):
+        architectures.resolve_layers(flux1_adapter(), preset, custom, "visual_style_prompting")
+
+
+def test_a_unet_refuses_a_flux_preset(sd15):
+    with pytest.raises(ValueError, match=r"layers: 'vital_blocks' is a preset of another model family; this model is "
+                                         r"UNet \(SD1.x, SD2.x, SDXL\)"):
+        vsp(sd15.model, layers="vital_blocks")
+
+
+def test_shared_group_norm_on_is_refused_on_flux():
+    with pytest.raises(ValueError, match="shared_group_norm: on has no meaning on Flux"):
+        style_aligned(random_dits.tiny_flux(), layers="auto", shared_group_norm="on")

@@ -7,21 +7,38 @@ Adding an architecture: docs/ADDING_A_METHOD.md, "Adding an architecture"."""
 
 import comfy.model_patcher
 
+from ...attention_patches.layers import CUSTOM
+from .flux import FluxAdapter
 from .unet import UNetAdapter
 
-ADAPTERS = (UNetAdapter,)
+ADAPTERS = (UNetAdapter, FluxAdapter)
+UNET_ONLY = (UNetAdapter,)
+AUTO = "auto"  # the method's default preset on the model's family (each adapter's `auto`)
+# Every family's presets in one list, for a node's layers input: auto first, custom last.
+LAYER_CHOICES = (AUTO, *dict.fromkeys(p for adapter in ADAPTERS for p in adapter.presets if p != CUSTOM), CUSTOM)
 
 
 class UnsupportedModelError(ValueError):
     pass
 
 
-def adapter_for(model: comfy.model_patcher.ModelPatcher, node_name: str):
-    """The adapter of this model's family; a model no adapter covers is refused by name."""
+def adapter_for(model: comfy.model_patcher.ModelPatcher, node_name: str, families: tuple = UNET_ONLY):
+    """The adapter of this model's family, among the families the node supports; any other model is
+    refused by name."""
     for adapter in ADAPTERS:
         found = adapter.of(model)
-        if found is not None:
+        if found is not None and adapter in families:
             return found
-    families = "; ".join(adapter.family for adapter in ADAPTERS)
-    raise UnsupportedModelError(f"{node_name} works on UNet models (SD1.x, SD2.x, SDXL); this model is "
-                                f"{type(model.get_model_object('diffusion_model')).__name__} (supported: {families})")
+    covered = " and ".join(adapter.models for adapter in families)
+    model_name = type(model.get_model_object("diffusion_model")).__name__
+    raise UnsupportedModelError(f"{node_name} works on {covered}; this model is {model_name}")
+
+
+def resolve_layers(adapter, preset: str, custom_layers: str, method: str) -> list:
+    """The sites a layers choice selects on this model: auto is the method's default on its family."""
+    if preset == AUTO:
+        preset = adapter.auto[method]
+    elif preset not in adapter.presets:
+        raise ValueError(f"layers: {preset!r} is a preset of another model family; this model is {adapter.family}: "
+                         f"choose {AUTO} or one of {', '.join(adapter.presets)}")
+    return adapter.resolve(preset, custom_layers)

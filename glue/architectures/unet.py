@@ -13,8 +13,8 @@ import comfy.model_patcher
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
-from ...attention_patches.layers import (PRESETS, SelfAttentionLayer, TransformerSite, all_layers, layer_name,
-                                         resolve_layers)
+from ...attention_patches.layers import (ALL_SELF_ATTENTION, LATE_SELF_ATTENTION, PRESETS, SelfAttentionLayer,
+                                         TransformerSite, all_layers, layer_name, resolve_layers)
 
 KINDS = ("attn1", "attn2")  # a site's self-attention, its cross-attention
 
@@ -26,7 +26,10 @@ class UNetAdapter:
     sites: tuple[TransformerSite, ...]
     downscale: int  # how many times the UNet halves the latent
     family = "UNet (SD1.x, SD2.x, SDXL)"
+    models = "UNet models (SD1.x, SD2.x, SDXL)"
     presets = PRESETS
+    auto = {"visual_style_prompting": LATE_SELF_ATTENTION, "style_aligned": ALL_SELF_ATTENTION}
+    kind_names = {"attn1": "self-attention", "attn2": "cross-attention"}
 
     @classmethod
     def of(cls, model: comfy.model_patcher.ModelPatcher) -> "UNetAdapter | None":

@@ -1,0 +1,184 @@
+"""The Flux adapter (Flux.1 dev/schnell/Krea, Kontext, Chroma): the attention sites are the joint
+attentions of the double and single blocks, named ("double", i) / ("single", i).
+
+How a behaviour is installed, and why: a site is ComfyUI's block replacement
+patches_replace["dit"][("double_block" | "single_block", i)]. The patch runs the model's own block
+(original_block) with a copy of transformer_options that carries an optimized_attention_override for
+that block alone (chained to any override the user set). The block key is a claim the conflict check
+can see and name, the block's weights stay where LoRAs, merges and lowvram casting find them, and
+nothing outside the chosen blocks is touched. The override receives the joint attention's queries
+and keys after QK-norm and RoPE, (batch, heads, rows, dim_head), text rows first.
+
+Token layout: text rows are the prompt's tokens (the context's length, read once per model call),
+then ceil(h / 2) * ceil(w / 2) image rows, then Kontext's reference-image rows, if any.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_patcher
+from comfy.ldm.flux.layers import EmbedND
+
+from ...attention_patches.attention import ATTENTION_OVERRIDE_OPTION
+from ...attention_patches.layers import CUSTOM, LayerSelectionError
+from ...attention_patches.style_call import style_call
+from ...attention_patches.styled_attention import StyledAttention
+from ...attention_patches.token_layout import LAYOUT_OPTION, TokenGrid, TokenLayout
+
+VITAL_BLOCKS = "vital_blocks"
+SINGLE_BLOCKS = "single_blocks"
+ALL_BLOCKS = "all_blocks"
+PRESETS = (VITAL_BLOCKS, SINGLE_BLOCKS, ALL_BLOCKS, CUSTOM)
+# Stable Flow's vital layers of Flux.1 (19 double, 38 single blocks), by block: the layers whose
+# removal changes the image most; on another depth the same relative positions are taken.
+VITAL = {"double": (0, 1, 17, 18), "single": (6, 9, 34, 35, 37)}
+FLUX1_DEPTH = {"double": 19, "single": 38}
+BLOCK_KEYS = {"double": "double_block", "single": "single_block"}
+
+
+@dataclass(frozen=True)
+class FluxAdapter:
+    double: int
+    single: int
+    patch_size: int
+    theta: int
+    axes_dim: tuple[int, ...]
+    family = "Flux (Flux.1, Kontext, Chroma)"
+    models = "Flux models (Flux.1, Kontext, Chroma)"
+    presets = PRESETS
+    auto = {"visual_style_prompting": VITAL_BLOCKS, "style_aligned": SINGLE_BLOCKS}
+    kind_names = {"attn1": "joint attention"}
+
+    @classmethod
+    def of(cls, model: comfy.model_patcher.ModelPatcher) -> "FluxAdapter | None":
+        dit = model.get_model_object("diffusion_model")
+        if not all(hasattr(dit, part) for part in ("double_blocks", "single_blocks", "pe_embedder")):
+            return None
+        return cls(len(dit.double_blocks), len(dit.single_blocks), dit.patch_size, dit.pe_embedder.theta,
+                   tuple(dit.pe_embedder.axes_dim))
+
+    @property
+    def sites(self) -> tuple:
+        return (*(("double", i) for i in range(self.double)), *(("single", i) for i in range(self.single)))
+
+    def layers(self) -> list:
+        return list(self.sites)
+
+    def resolve(self, preset: str, custom_layers: str = "") -> list:
+        """The blocks a preset (or the custom list) selects on this model; never empty."""
+        if preset == VITAL_BLOCKS:
+            return [(kind, i) for kind, count in (("double", self.double), ("single", self.single))
+                    for i in sorted({round(v * (count - 1) / (FLUX1_DEPTH[kind] - 1)) for v in VITAL[kind]})
+                    if count > 0]
+        if preset == SINGLE_BLOCKS:
+            return [("single", i) for i in range(self.single)]
+        if preset == ALL_BLOCKS:
+            return self.layers()
+        if preset == CUSTOM:
+            return self._custom(custom_layers)
+        raise LayerSelectionError(f"layers: {preset!r} is not a preset of this model ({self.family}); expected "
+                                  f"auto or one of {', '.join(PRESETS)}")
+
+    def _custom(self, text: str) -> list:
+        chosen = []
+        for token in text.replace(",", " ").split():
+            kind, _, number = token.partition(".")
+            if kind not in BLOCK_KEYS or (number and not number.isdigit()):
+                raise LayerSelectionError(f"custom_layers: cannot read {token!r}; on {self.family} expected "
+                                          "double.N, single.N, double or single (e.g. single.3, double)")
+            count = self.double if kind == "double" else self.single
+            numbers = [int(number)] if number else range(count)
+            for i in numbers:
+                if i >= count:
+                    raise LayerSelectionError(f"custom_layers: this model has no {token} ({self.double} double "
+                                              f"and {self.single} single blocks)")
+                if (kind, i) not in chosen:
+                    chosen.append((kind, i))
+        if not chosen:
+            raise LayerSelectionError("custom_layers: empty; list blocks such as double.0, single.3")
+        return chosen
+
+    def check_latent_size(self, height: int, width: int, input_name: str, what: str = "") -> None:
+        """Any size goes through: the model pads a latent to its patch size."""
+
+    @staticmethod
+    def name(site) -> str:
+        return f"{site[0]}.{site[1]}"
+
+    @staticmethod
+    def installed(model: comfy.model_patcher.ModelPatcher, site, kind: str):
+        """The block replacement at a site on this clone, or None (a block has one attention)."""
+        replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+        return replaced.get((BLOCK_KEYS[site[0]], site[1]))
+
+    def install(self, model: comfy.model_patcher.ModelPatcher, site, kind: str, patch) -> None:
+        if kind != "attn1":
+            raise ValueError(f"a Flux block has one (joint) attention; {kind!r} has no meaning here")
+        model.set_model_patch_replace(JointAttentionSite(patch, self.theta, self.axes_dim), "dit",
+                                      BLOCK_KEYS[site[0]], site[1])
+
+    def token_grid(self, x: torch.Tensor, c_crossattn: torch.Tensor) -> TokenGrid:
+        """The tokens of a model call on latent x with prompt c_crossattn."""
+        return TokenGrid(c_crossattn.shape[1], math.ceil(x.shape[-2] / self.patch_size),
+                         math.ceil(x.shape[-1] / self.patch_size))
+
+
+@dataclass(frozen=True)
+class JointAttentionSite:
+    """A block replacement that runs the block's own forward, its joint attention through `styled`."""
+
+    styled: StyledAttention
+    theta: int
+    axes_dim: tuple[int, ...]
+
+    @property
+    def owner(self):
+        return self.styled.owner
+
+    @property
+    def conflict_note(self) -> str:
+        return self.styled.conflict_note
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        options = args["transformer_options"]
+        call = style_call(options, self.styled.owner)
+        if call is None:
+            return extra["original_block"](args)
+        grid: TokenGrid = call.tokens
+        rotation = args.get("pe")
+        beside = None
+        if rotation is not None:
+            # positions (0, 0, width): a rotation by one image width along the width axis
+            position = torch.tensor([[[0.0] * (len(self.axes_dim) - 1) + [float(grid.width)]]], device=rotation.device)
+            beside = EmbedND(sum(self.axes_dim), self.theta, list(self.axes_dim))(position)
+            rotation = rotation[:1]  # every item of a call has the same positions
+        layout = TokenLayout(grid.text, grid.height * grid.width, rotation, beside)
+        override = JointAttention(self.styled, layout, options.get(ATTENTION_OVERRIDE_OPTION))
+        return extra["original_block"]({**args, "transformer_options": {**options, ATTENTION_OVERRIDE_OPTION: override}})
+
+
+@dataclass(frozen=True)
+class JointAttention:
+    """The optimized_attention_override of one styled block: its joint attention through `styled`
+    with the call's layout; the override the user had (inner) serves the kernel calls."""
+
+    styled: StyledAttention
+    layout: TokenLayout
+    inner: object = None
+
+    def __call__(self, func, query, key, value, heads, *args, mask=None, skip_reshape=False, transformer_options=None,
+                 **kwargs):
+        if mask is not None:
+            raise ValueError(f"{self.styled.owner}: this model's attention has a mask (e.g. Chroma's text padding "
+                             "mask), which the style does not support yet; run without the attention mask")
+        if skip_reshape:  # (batch, heads, rows, dim_head) -> (batch, rows, heads * dim_head)
+            query, key, value = (t.transpose(1, 2).flatten(2) for t in (query, key, value))
+        options = {k: v for k, v in (transformer_options or {}).items() if k != ATTENTION_OVERRIDE_OPTION}
+        if self.inner is not None:
+            options[ATTENTION_OVERRIDE_OPTION] = self.inner
+        out = self.styled(query, key, value, {**options, "n_heads": heads, LAYOUT_OPTION: self.layout})
+        if kwargs.get("skip_output_reshape"):  # the caller wants (batch, heads, rows, dim_head) back
+            return out.unflatten(2, (heads, -1)).transpose(1, 2)
+        return out
