@@ -92,7 +92,7 @@ class StyledAttention:
         call = style_call(extra_options, self.owner)
         layout = extra_options.get(LAYOUT_OPTION, UNET_LAYOUT)
         if call is not None and call.store is not None and call.store.recording and self.methods.any:
-            call.store.record(self.store_key, layout.reference_of(query, key, value))
+            call.store.record(self.store_key, layout.reference_of(query, key, value, kept=True))
             return kernel(query, key, value, heads, attn_precision=precision)
         methods = [None] if call is None else [self.methods.of(kind, call.negative) for kind in call.cond_or_uncond]
         if all(method is None for method in methods):

@@ -19,8 +19,9 @@ from .feature_store import register_feature_type
 from .reference import ReferenceFeatures
 
 
-def rotate(features: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Each channel pair of each head turned by its row's matrix, in float32, cast back to features' dtype."""
+def rotate(features: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each channel pair of each head turned by its row's matrix, in float32, cast to dtype (default
+    features' own)."""
     batch, rows, inner = features.shape
     pairs = rotation.shape[-3]
     heads = inner // (2 * pairs)
@@ -28,12 +29,12 @@ def rotate(features: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     matrices = rotation.reshape(rotation.shape[0], rotation.shape[2], 1, pairs, 2, 2).float()
     x = features.float().reshape(batch, rows, heads, pairs, 1, 2)
     turned = matrices[..., 0] * x[..., 0] + matrices[..., 1] * x[..., 1]
-    return turned.reshape(batch, rows, inner).to(features.dtype)
+    return turned.reshape(batch, rows, inner).to(dtype or features.dtype)
 
 
-def unrotate(features: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def unrotate(features: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """rotate's inverse (a rotation's inverse is its transpose)."""
-    return rotate(features, rotation.transpose(-1, -2))
+    return rotate(features, rotation.transpose(-1, -2), dtype)
 
 
 @register_feature_type
@@ -77,15 +78,20 @@ class TokenLayout:
     def image_rows(self, rows: int) -> slice:
         return slice(self.text, rows if self.image is None else self.text + self.image)
 
-    def reference_of(self, query, key, value) -> ReferenceFeatures:
-        """What a reference item's call leaves for its targets: its image rows (and their rotation)."""
+    def reference_of(self, query, key, value, kept: bool = False) -> ReferenceFeatures:
+        """What a reference item's call leaves for its targets: its image rows (and their rotation).
+
+        kept (a recording that outlives the call): copies of their own, since a DiT's image rows are
+        views of larger tensors (a single block's values of its whole fused projection), which a store
+        would otherwise hold whole while counting only the rows."""
         if self.whole_image:
             return ReferenceFeatures(query, key, value)
         image = self.image_rows(query.shape[1])
+        rows = [t[:, image].clone() if kept else t[:, image] for t in (query, key, value)]
         if self.rotation is None:
-            return ReferenceFeatures(query[:, image], key[:, image], value[:, image])
-        rotation = self.rotation[:1, :, image].clone()  # its own storage: a saved store holds it apart
-        return PositionedFeatures(query[:, image], key[:, image], value[:, image], rotation)
+            return ReferenceFeatures(*rows)
+        rotation = self.rotation[:1, :, image]
+        return PositionedFeatures(*rows, rotation.clone() if kept else rotation)
 
     def with_image(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """features with their image rows replaced by image (any number of rows, broadcast over the batch)."""
@@ -96,24 +102,27 @@ class TokenLayout:
         return torch.cat([features[:, :rows.start], image, features[:, rows.stop:]], dim=1)
 
     def unpositioned(self, features: torch.Tensor) -> torch.Tensor:
-        """The image rows without their rotation (as they were before RoPE)."""
+        """The image rows without their rotation (as they were before RoPE), in float32 where rotated (so a
+        method and positioned round them once)."""
         image = features[:, self.image_rows(features.shape[1])]
         if self.rotation is None:
             return image
-        return unrotate(image, self.rotation[:, :, self.image_rows(features.shape[1])])
+        return unrotate(image, self.rotation[:, :, self.image_rows(features.shape[1])], torch.float32)
 
     def positioned(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """features with their image rows replaced by image (unpositioned), rotated back into place."""
+        """features with their image rows replaced by image (unpositioned), rotated back into place, in
+        features' dtype."""
         rows = self.image_rows(features.shape[1])
         if self.rotation is not None:
-            image = rotate(image, self.rotation[:, :, rows])
+            image = rotate(image, self.rotation[:, :, rows], features.dtype)
         return self.with_image(features, image)
 
 
 def unpositioned_reference(reference: ReferenceFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reference's (query, key) without their rotation, where they have one."""
+    """A reference's (query, key) without their rotation (in float32), where they have one."""
     if isinstance(reference, PositionedFeatures):
-        return unrotate(reference.query, reference.rotation), unrotate(reference.key, reference.rotation)
+        return (unrotate(reference.query, reference.rotation, torch.float32),
+                unrotate(reference.key, reference.rotation, torch.float32))
     return reference.query, reference.key
 
 

@@ -14,6 +14,7 @@ import random_dits
 from helpers import LAYOUTS, relative_error, run_node, style_aligned, vsp
 from support.flux import (HEIGHT, TEXT_TOKENS, WIDTH, adain_rows, attention_output, conditioning, flux_noise,
                           flux_sample, image_positions, post_rope, pre_rope, softmax_attention, with_rope)
+from support.reference_cache import reference_pass_of
 
 IMAGE = (HEIGHT // 2) * (WIDTH // 2)
 TOLERANCE = 1e-5  # float32 model against the float64 formula
@@ -159,6 +160,11 @@ def test_an_external_reference_is_the_in_batch_reference_run_alone(flux, node):
     assert (external - in_batch).abs().max() <= 1e-5 * in_batch.abs().max()
     assert torch.equal(flux_sample(styled, batch=2, noise=noise[1:]), external)
     assert not torch.equal(in_batch, flux_sample(flux, noise=noise)[1:])
+    # the cache holds the image rows alone, each in storage of its own: what its budget counts is what it holds
+    (recording,) = reference_pass_of(styled).cache._recordings.values()
+    tensors = [t for feature in recording.values() for t in (feature.query, feature.key, feature.value, feature.rotation)]
+    assert {t.shape[1] if t.ndim == 3 else t.shape[2] for t in tensors} == {IMAGE}
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
 
 
 def test_styles_chain_on_disjoint_blocks_and_overlap_is_refused_by_name(flux):

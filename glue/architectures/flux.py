@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+import comfy.ldm.chroma.model
+import comfy.ldm.flux.model
 import comfy.model_patcher
 from comfy.ldm.flux.layers import EmbedND
 
@@ -36,6 +38,7 @@ PRESETS = (VITAL_BLOCKS, SINGLE_BLOCKS, ALL_BLOCKS, CUSTOM)
 VITAL = {"double": (0, 1, 17, 18), "single": (6, 9, 34, 35, 37)}
 FLUX1_DEPTH = {"double": 19, "single": 38}
 BLOCK_KEYS = {"double": "double_block", "single": "single_block"}
+WIDTH_AXIS = 2  # process_img's image positions: (index, row, column[, ...])
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,10 @@ class FluxAdapter:
     @classmethod
     def of(cls, model: comfy.model_patcher.ModelPatcher) -> "FluxAdapter | None":
         dit = model.get_model_object("diffusion_model")
-        if not all(hasattr(dit, part) for part in ("double_blocks", "single_blocks", "pe_embedder")):
+        # by class: HunyuanVideo has the same block lists with image rows first and 5-D latents
+        if not isinstance(dit, (comfy.ldm.flux.model.Flux, comfy.ldm.chroma.model.Chroma)):
+            return None
+        if not isinstance(dit.patch_size, int):
             return None
         return cls(len(dit.double_blocks), len(dit.single_blocks), dit.patch_size, dit.pe_embedder.theta,
                    tuple(dit.pe_embedder.axes_dim))
@@ -150,8 +156,10 @@ class JointAttentionSite:
         rotation = args.get("pe")
         beside = None
         if rotation is not None:
-            # positions (0, 0, width): a rotation by one image width along the width axis
-            position = torch.tensor([[[0.0] * (len(self.axes_dim) - 1) + [float(grid.width)]]], device=rotation.device)
+            # the rotation of one image width along the width axis (in rope_options' units, 0.8.0's scale_x)
+            scale_x = (options.get("rope_options") or {}).get("scale_x", 1.0)
+            position = rotation.new_zeros(1, 1, len(self.axes_dim))
+            position[..., WIDTH_AXIS] = grid.width * scale_x  # filled in place: no host-to-device copy
             beside = EmbedND(sum(self.axes_dim), self.theta, list(self.axes_dim))(position)
             rotation = rotation[:1]  # every item of a call has the same positions
         layout = TokenLayout(grid.text, grid.height * grid.width, rotation, beside)
