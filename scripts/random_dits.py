@@ -3,7 +3,8 @@ real file of that family would be (hidden 64, 2 heads, 2 double and 2 single blo
 downloaded.
 
 Conditioning is built directly: [[context (1, tokens, TEXT_DIM), {"pooled_output": (1, POOLED_DIM),
-"guidance": 3.5}]] (flux_conditioning)."""
+"guidance": 3.5}]] (flux_conditioning), or by a tiny Flux text encoder of ComfyUI's own classes
+(tiny_flux_clip); tiny_flux_vae decodes Flux's 16-channel latents."""
 
 import dataclasses
 
@@ -11,10 +12,12 @@ import torch
 
 import comfy.ldm.chroma.model
 import comfy.ldm.flux.model
+import comfy.sd
 import comfy.supported_models
-from random_models import model_patcher
+from random_models import TINY_CLIP_TEXT_CONFIG, TINY_VAE_DDCONFIG, RandomModels, _clip, _vae, model_patcher
 
 TEXT_DIM, POOLED_DIM = 32, 32  # T5 and CLIP-L widths of the tiny models (4096 and 768 on Flux.1)
+TINY_T5_CONFIG = {"d_model": TEXT_DIM, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2}
 
 
 def tiny_flux_config(**overrides) -> dict:
@@ -66,3 +69,26 @@ def flux_conditioning(seed: int, tokens: int = 8, guidance: float | None = 3.5) 
     if guidance is not None:
         extras["guidance"] = guidance
     return [[torch.randn(1, tokens, TEXT_DIM, generator=generator), extras]]
+
+
+def tiny_flux_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """Flux's text encoder as DualCLIPLoader (type flux) builds it: ComfyUI's CLIP-L and T5-XXL classes with
+    their real tokenizers, shrunk (CLIP-L hidden POOLED_DIM, T5 d_model TEXT_DIM), random weights. A short
+    prompt encodes to (1, 256, TEXT_DIM) (Flux's T5 pads to 256 tokens) with a (1, POOLED_DIM) pooled output."""
+    clip_l = {**TINY_CLIP_TEXT_CONFIG, "hidden_size": POOLED_DIM}
+    model_config = comfy.supported_models.Flux(tiny_flux_config())
+    return _clip(model_config, {"clip_l_model_config": clip_l, "t5xxl_model_config": TINY_T5_CONFIG}, seed)
+
+
+def tiny_flux_vae(seed: int = 0) -> comfy.sd.VAE:
+    """A VAE of Flux's latent (16 channels, 8x downscale): ComfyUI's KL autoencoder, as narrow as random_models'
+    SD VAE. (ComfyUI detects ae.safetensors as the full-size 16-channel autoencoder, 84M parameters and
+    seconds per 64 px decode on one CPU core: too slow for tests that decode every run.)"""
+    vae = _vae({**TINY_VAE_DDCONFIG, "z_channels": 16}, seed)
+    vae.latent_channels = 16  # what detection reads from the state dict; the config path keeps SD's 4
+    return vae
+
+
+def tiny_flux_models(seed: int = 0) -> RandomModels:
+    """The three files of a Flux.1 dev setup (diffusion model, text encoders, VAE), tiny and random."""
+    return RandomModels(model=tiny_flux(seed), clip=tiny_flux_clip(seed), vae=tiny_flux_vae(seed))

@@ -27,6 +27,7 @@ import comfyui_version  # noqa: E402
 import execution  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402
+import random_dits  # noqa: E402
 import random_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
@@ -126,6 +127,11 @@ class HeadlessServer:
         pass
 
 
+@pytest.fixture(scope="session")
+def flux_models():
+    return random_dits.tiny_flux_models(seed=0)
+
+
 class RandomWeightCheckpoint:
     """Test stand-in for CheckpointLoaderSimple: the tiny random models of this session."""
 
@@ -133,7 +139,7 @@ class RandomWeightCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"architecture": (["sd15", "sdxl"],)}}
+        return {"required": {"architecture": (["sd15", "sdxl", "flux"],)}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -144,7 +150,18 @@ class RandomWeightCheckpoint:
         return models.model, models.clip, models.vae
 
 
+class RandomWeightPart(RandomWeightCheckpoint):
+    """Test stand-in for the loader of one file of a model (Load Diffusion Model, DualCLIPLoader, Load VAE)."""
+
+    def load(self, architecture):
+        return (getattr(self.MODELS[architecture], self.PART),)
+
+
 nodes.NODE_CLASS_MAPPINGS["RandomWeightCheckpoint"] = RandomWeightCheckpoint
+for _loader, _part, _type in (("UNETLoader", "model", "MODEL"), ("DualCLIPLoader", "clip", "CLIP"),
+                              ("VAELoader", "vae", "VAE")):
+    nodes.NODE_CLASS_MAPPINGS[f"RandomWeight{_loader}"] = type(f"RandomWeight{_loader}", (RandomWeightPart,),
+                                                               {"PART": _part, "RETURN_TYPES": (_type,)})
 
 
 def node_inputs(class_type: str):
@@ -215,8 +232,8 @@ def fastsam_models(random_fastsam, monkeypatch):
 
 
 @pytest.fixture
-def engine(tmp_path, sd15, sdxl, loras_folder, fastsam_models):
-    RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl}
+def engine(tmp_path, sd15, sdxl, flux_models, loras_folder, fastsam_models):
+    RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl, "flux": flux_models}
     folder_paths.set_output_directory(str(tmp_path))
     return Engine(tmp_path)
 

@@ -14,6 +14,8 @@ from conftest import REPO, Engine, load_workflow_as_api
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA", "StyleInjection", "MaskedStyleBlend"}
 TEST_SIDE = 64  # LoadImage's images are scaled (center crop) to this side
+# A model's separate files (a Flux setup) load from conftest's stand-ins for these loaders.
+PART_LOADERS = ("UNETLoader", "DualCLIPLoader", "VAELoader")
 
 
 def test_every_workflow_has_a_thumbnail():
@@ -23,7 +25,8 @@ def test_every_workflow_has_a_thumbnail():
 
 
 def for_test_models(prompt: dict, architecture: str) -> dict:
-    """Swap the checkpoint for the tiny random models and shrink images and steps; nothing else changes."""
+    """Swap the checkpoint (or a model's separate files) for the tiny random models and shrink images and steps;
+    nothing else changes."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():  # prompts in the image's pixels follow the image to its test size
         if node["class_type"] == "FastSAMSegment":
@@ -44,7 +47,11 @@ def for_test_models(prompt: dict, architecture: str) -> dict:
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "RandomWeightCheckpoint", {"architecture": architecture}
-        elif node["class_type"] in ("EmptyLatentImage", "ImageScale"):  # a reference scaled to the output's size
+        elif node["class_type"] in PART_LOADERS:
+            node["inputs"] = {"architecture": architecture}
+            node["class_type"] = f"RandomWeight{node['class_type']}"
+        elif node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage", "ImageScale"):
+            # ImageScale: a reference scaled to the output's size
             node["inputs"].update(width=TEST_SIDE, height=TEST_SIDE)
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced", "DDIMInversion", "RecordContentFeatures"):
             node["inputs"]["steps"] = 3
@@ -105,7 +112,7 @@ def pixels(engine, outputs):
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_executes_styles_and_leaves_the_model_clean(engine, workflow):
-    architecture = "sdxl" if "sdxl" in workflow.stem else "sd15"
+    architecture = next((name for name in ("sdxl", "flux") if name in workflow.stem), "sd15")
     prompt = without_heatmaps(for_test_models(load_workflow_as_api(workflow), architecture))
     unstyled_prompt = without_style(prompt)
 
@@ -149,3 +156,18 @@ def test_the_edit_workflow_reconstructs_the_image_with_its_own_prompt(engine):
                                      blend_source_words="", blend_target_words="")
     edited, reconstruction = pixels(engine, engine.run(prompt))  # the two SaveImage nodes, edit first
     assert np.abs(edited.astype(int) - reconstruction.astype(int)).max() <= 1
+
+
+def test_the_flux_workflow_styles_the_targets_from_batch_item_0_on_a_flux_model(engine):
+    """On the tiny random Flux (its diffusion model, text encoders and VAE loaded by the part loaders' stand-ins):
+    the reference (item 0) is sampled as without the style, each target changes."""
+    workflow = REPO / "example_workflows" / "flux_visual_style_prompting_in_batch.json"
+    prompt = for_test_models(load_workflow_as_api(workflow), "flux")
+    assert not {node["class_type"] for node in prompt.values()} & {*PART_LOADERS, "CheckpointLoaderSimple"}
+    (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "KSampler"]
+    assert (sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (1.0, "euler", "simple")
+    styled = pixels(engine, engine.run(prompt))
+    unstyled = pixels(engine, Engine(engine.output_dir).run(without_style(prompt)))
+    assert styled.shape == (3, TEST_SIDE, TEST_SIDE, 3)
+    assert np.abs(styled[0].astype(int) - unstyled[0].astype(int)).max() <= 1
+    assert all(not np.array_equal(styled[i], unstyled[i]) for i in (1, 2))
