@@ -25,8 +25,10 @@ from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 OUTPUT_DIR = REPO / "output"
 RANDOM_CHECKPOINT = REPO / ".comfyui" / "RANDOM-WEIGHTS-NOT-A-MODEL-sd15.safetensors"
 RANDOM_FASTSAM = "RANDOM-WEIGHTS-NOT-A-MODEL-FastSAM-s.pt"  # copied into models/fastsam when no FastSAM is there
-# Every example workflow for SD1.5: the SDXL ones need an SDXL checkpoint (run them from the frontend).
-ALL_WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json") if "sdxl" not in path.stem)
+# Every example workflow for SD1.5: the SDXL and Flux ones need their model files (run them from the frontend).
+OTHER_MODELS = ("sdxl", "flux")
+ALL_WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json")
+                       if not any(name in path.stem for name in OTHER_MODELS))
 DEFAULT_WORKFLOWS = ["visual_style_prompting_in_batch.json", "style_aligned_prompts_sd15.json",
                      "visual_style_prompting_inversion.json"]
 # With random weights: small images and few steps, since the pictures are noise anyway.
