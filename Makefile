@@ -45,6 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/value_inversion.py
 	$(PY) scripts/hosts.py run bench/prompt_to_prompt.py
 	$(PY) scripts/hosts.py run bench/stylekeeper.py
+	$(PY) scripts/hosts.py run bench/flux.py
 
 # on a GPU machine (no internet needed once `make setup` has run): the precision matrix on CUDA and every
 # bench/*.py --gpu, one report under gpu_report/ (scripts/gpu_check.py --help; ARGS="--dry-run" on a CPU)
