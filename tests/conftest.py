@@ -40,10 +40,14 @@ END_TO_END_HOST = os.environ.get("STYLE_ATTENTION_END_TO_END_HOST")
 def pytest_collection_modifyitems(config, items):
     if END_TO_END_HOST is None or END_TO_END_HOST == os.environ.get("STYLE_ATTENTION_HOST"):
         return
-    skip = pytest.mark.skip(reason=f"end-to-end (server, browser): make test runs these on ComfyUI {END_TO_END_HOST}")
+    skips = {"end_to_end": pytest.mark.skip(reason=f"end-to-end (server, browser): make test runs these on ComfyUI "
+                                                   f"{END_TO_END_HOST}"),
+             "one_host": pytest.mark.skip(reason=f"the same on every host (pure torch, the repository's files) or a "
+                                                 f"precision matrix: make test runs these on ComfyUI {END_TO_END_HOST}")}
     for item in items:
-        if item.get_closest_marker("end_to_end"):
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker):
+                item.add_marker(skip)
 
 
 PACK_NODE_IDS = ("VisualStylePrompting", "StyleAlignedAttention", "StyleReferenceLatent", "ReferenceTargetPrompts",

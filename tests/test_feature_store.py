@@ -8,6 +8,8 @@ from safetensors.torch import save_file
 
 from conftest import pack_submodule
 
+pytestmark = pytest.mark.one_host
+
 feature_store = pack_submodule("attention_patches.feature_store")
 reference = pack_submodule("attention_patches.reference")
 shared_norm = pack_submodule("attention_patches.shared_norm")

@@ -15,6 +15,8 @@ import random_dits
 from helpers import partial_loading, run_node, style_aligned, vsp
 from support.flux import HEIGHT, WIDTH, conditioning, flux_sample
 
+pytestmark = pytest.mark.one_host
+
 VARIANTS = {"bf16": {"dtype": torch.bfloat16}, "fp16": {"dtype": torch.float16},
             "fp8": {"dtype": torch.float8_e4m3fn, "manual_cast_dtype": torch.bfloat16}}
 PATCHED_WEIGHT = "diffusion_model.single_blocks.1.linear1.weight"

@@ -10,6 +10,8 @@ import pytest
 
 import gpu_check  # scripts/ (no ComfyUI import at module level)
 
+pytestmark = pytest.mark.one_host
+
 _HOST, _MATRIX_HOST = os.environ.get("STYLE_ATTENTION_HOST"), os.environ.get("STYLE_ATTENTION_END_TO_END_HOST")
 on_matrix_host = pytest.mark.skipif(_MATRIX_HOST is not None and _MATRIX_HOST != _HOST,
                                     reason=f"gpu_check's dry run: make test runs it on ComfyUI {_MATRIX_HOST} only")

@@ -17,6 +17,8 @@ import torch
 
 from conftest import pack_submodule
 
+pytestmark = pytest.mark.one_host
+
 attention = pack_submodule("attention_patches.attention")
 attention_maps = pack_submodule("attention_patches.attention_maps")
 attention_probe = pack_submodule("attention_patches.attention_probe")

@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import COMFYUI_DIR, REPO
+
+pytestmark = pytest.mark.one_host  # NODES.md is generated on the newest host
 
 
 def test_nodes_md_is_up_to_date():

@@ -7,10 +7,13 @@ import tomllib
 import venv
 from pathlib import Path
 
+import pytest
 import torch
 
 import hosts
 from conftest import COMFYUI_DIR, PACK_NODE_IDS, REPO
+
+pytestmark = pytest.mark.one_host  # the pack's files, the same on every host
 
 PACKAGES = ("nodes", "attention_patches", "glue", "inversion", "mask")
 

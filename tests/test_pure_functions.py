@@ -8,6 +8,8 @@ import torch
 from conftest import pack_submodule
 from helpers import adain_by_hand, group_norm_by_hand, shared_attention_by_hand
 
+pytestmark = pytest.mark.one_host
+
 attention = pack_submodule("attention_patches.attention")
 kv_swap = pack_submodule("attention_patches.kv_swap")
 layers = pack_submodule("attention_patches.layers")
