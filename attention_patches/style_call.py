@@ -13,6 +13,7 @@ names whose pass it is): a reference is recorded as its image alone, whatever el
 from dataclasses import dataclass, field
 
 from .reference import ReferenceFeatureStore
+from .token_layout import TokenGrid
 
 # The transformer_options keys this pack owns (ATTENTION_MAPS_OPTION in attention_maps.py too).
 CALLS_OPTION = "style_attention_nodes.calls"  # {StyleOwner: StyleCall} of the styles on in this call
@@ -45,7 +46,7 @@ class StyleCall:
     store: ReferenceFeatureStore | None
     timestep: float | None = None
     negative: bool = False
-    tokens: object = None
+    tokens: TokenGrid | None = None
 
 
 @dataclass

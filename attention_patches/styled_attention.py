@@ -62,8 +62,8 @@ class StyledAttention:
 
     Its node's wrapper says per model call whether the style is on (style_call) and where the reference
     comes from; the architecture's site hands it the call's token layout (LAYOUT_OPTION; none: a
-    UNet's, every row an image token): during an external reference's own pass the site records what it sees; after, the
-    call's store replays it; without one, item 0 of each cond/uncond chunk is the reference of the
+    UNet's, every row an image token). During an external reference's own pass the site records what
+    it sees; after, the call's store replays it; without one, item 0 of each cond/uncond chunk is the reference of the
     others. Each chunk then runs the method of its branch (methods.of), plain attention where none.
     """
 

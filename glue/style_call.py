@@ -2,6 +2,7 @@
 which decides per call whether the style is on, runs an external reference's own pass, keeps its
 recordings in the node's cache, and fills the node's shared-norm slot."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.model_patcher
@@ -9,10 +10,9 @@ import comfy.patcher_extension
 
 from ..attention_patches.feature_store import FeatureStore
 from ..attention_patches.reference import ReferenceFeatureStore
-from ..attention_patches.style_call import ModelCallSlot
 from ..attention_patches.sigma_range import SigmaRange
 from ..attention_patches.style_call import (BRANCH_OPTION, CALLS_OPTION, NEGATIVE_OPTION, NORM_SLOTS_OPTION,
-                                           RECORDING_OPTION, StyleCall, StyleOwner)
+                                           RECORDING_OPTION, ModelCallSlot, StyleCall, StyleOwner)
 from .references import ExternalReference
 
 WRAPPER_KEY_PREFIX = "style_attention_nodes.style_call."
@@ -37,7 +37,7 @@ class StyleCallWrapper:
     slot_range: SigmaRange | None = None  # where norm_call's modules act, when not active_range
     with_timestep: bool = False  # StyleCalls carry the model timestep
     recorded: FeatureStore | None = None  # the reference's features recorded by another run: no pass here
-    tokens: object = None  # the adapter's token_grid(x, c_crossattn) on a DiT, None on a UNet
+    tokens: Callable | None = None  # a DiT adapter's token_grid(x, c_crossattn) -> TokenGrid; None on a UNet
     memory: "StepMemory" = field(default_factory=lambda: StepMemory(), compare=False, repr=False)
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):

@@ -7,7 +7,7 @@ Adding an architecture: docs/ADDING_A_METHOD.md, "Adding an architecture"."""
 
 import comfy.model_patcher
 
-from ...attention_patches.layers import CUSTOM
+from ...attention_patches.layers import CUSTOM, LayerSelectionError
 from .flux import FluxAdapter
 from .unet import UNetAdapter
 
@@ -25,9 +25,9 @@ class UnsupportedModelError(ValueError):
 def adapter_for(model: comfy.model_patcher.ModelPatcher, node_name: str, families: tuple = UNET_ONLY):
     """The adapter of this model's family, among the families the node supports; any other model is
     refused by name."""
-    for adapter in ADAPTERS:
+    for adapter in families:
         found = adapter.of(model)
-        if found is not None and adapter in families:
+        if found is not None:
             return found
     covered = " and ".join(adapter.models for adapter in families)
     model_name = type(model.get_model_object("diffusion_model")).__name__
@@ -39,6 +39,6 @@ def resolve_layers(adapter, preset: str, custom_layers: str, method: str) -> lis
     if preset == AUTO:
         preset = adapter.auto[method]
     elif preset not in adapter.presets:
-        raise ValueError(f"layers: {preset!r} is a preset of another model family; this model is {adapter.family}: "
-                         f"choose {AUTO} or one of {', '.join(adapter.presets)}")
+        raise LayerSelectionError(f"layers: {preset!r} is a preset of another model family; this model is "
+                                  f"{adapter.family}: choose {AUTO} or one of {', '.join(adapter.presets)}")
     return adapter.resolve(preset, custom_layers)

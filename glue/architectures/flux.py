@@ -164,7 +164,8 @@ class JointAttentionSite:
             rotation = rotation[:1]  # every item of a call has the same positions
         layout = TokenLayout(grid.text, grid.height * grid.width, rotation, beside)
         override = JointAttention(self.styled, layout, options.get(ATTENTION_OVERRIDE_OPTION))
-        return extra["original_block"]({**args, "transformer_options": {**options, ATTENTION_OVERRIDE_OPTION: override}})
+        options = {**options, ATTENTION_OVERRIDE_OPTION: override}
+        return extra["original_block"]({**args, "transformer_options": options})
 
 
 @dataclass(frozen=True)
