@@ -39,15 +39,20 @@ def overlay(images: torch.Tensor, heat: torch.Tensor, opacity: float) -> torch.T
 
 
 def _consistent(maps: list[LayerMaps]) -> LayerMaps:
-    first = maps[0]
-    for other in maps[1:]:
-        if (other.first_image, other.key_sources, other.total.shape[0]) != (first.first_image, first.key_sources,
-                                                                            first.total.shape[0]):
-            raise AttentionMapError(
-                "the chosen layers were captured differently (some styled by another method or reference); "
-                "choose layers styled alike"
-            )
-    return first
+    """The first of maps, all captured alike (the same images, the same blocks of keys), or an error that
+    names the groups of layers captured alike."""
+    groups: dict[tuple, list[str]] = {}
+    for layer in maps:
+        groups.setdefault((layer.first_image, layer.key_sources, layer.total.shape[0]), []).append(layer.name)
+    if len(groups) > 1:
+        described = "; ".join(f"{', '.join(names)} (keys: {', '.join(sources)}"
+                              f"{', an in-batch reference' if first_image else ''})"
+                              for (first_image, sources, _), names in groups.items())
+        raise AttentionMapError(
+            f"layers: the chosen layers were captured differently (styled by another method or reference, or not "
+            f"styled): {described}; choose layers captured alike, e.g. {', '.join(list(groups.values())[-1])}"
+        )
+    return maps[0]
 
 
 def cross_attention_heat(maps: list[LayerMaps], tokens: list[int], size: tuple[int, int]) -> torch.Tensor:

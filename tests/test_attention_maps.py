@@ -192,7 +192,7 @@ def test_capture_placed_before_a_style_node_records_the_styled_attention(sd15):
 def test_a_layer_replaced_by_another_pack_is_named(sd15):
     foreign = sd15.model.clone()
     foreign.set_model_attn2_replace(lambda q, k, v, extra_options: q, "output", 3, 0)
-    with pytest.raises(ValueError, match="output.3.0 already has its attn2 replaced"):
+    with pytest.raises(ValueError, match="output.3.0 already has its cross-attention replaced"):
         capture(foreign, attention="cross_attention")
 
 

@@ -24,9 +24,9 @@ import comfy.model_patcher
 from comfy.ldm.flux.layers import EmbedND
 
 from ...attention_patches.attention import ATTENTION_OVERRIDE_OPTION
-from ...attention_patches.layers import CUSTOM, LayerSelectionError
+from ...attention_patches.attention_maps import captured_tokens
+from ...attention_patches.layers import CUSTOM, LayerSelectionError, format_layers
 from ...attention_patches.style_call import style_call
-from ...attention_patches.styled_attention import StyledAttention
 from ...attention_patches.token_layout import LAYOUT_OPTION, TokenGrid, TokenLayout
 
 VITAL_BLOCKS = "vital_blocks"
@@ -51,8 +51,10 @@ class FluxAdapter:
     family = "Flux (Flux.1, Kontext, Chroma)"
     models = "Flux models (Flux.1, Kontext, Chroma)"
     presets = PRESETS
-    auto = {"visual_style_prompting": VITAL_BLOCKS, "style_aligned": SINGLE_BLOCKS}
+    auto = {"visual_style_prompting": VITAL_BLOCKS, "style_aligned": SINGLE_BLOCKS, "attention_maps": VITAL_BLOCKS}
     kind_names = {"attn1": "joint attention"}
+    # where each kind of attention map is read: both from a block's one joint attention
+    map_kinds = {"self": "attn1", "cross": "attn1"}
 
     @classmethod
     def of(cls, model: comfy.model_patcher.ModelPatcher) -> "FluxAdapter | None":
@@ -89,21 +91,27 @@ class FluxAdapter:
 
     def _custom(self, text: str) -> list:
         chosen = []
-        for token in text.replace(",", " ").split():
-            kind, _, number = token.partition(".")
-            if kind not in BLOCK_KEYS or (number and not number.isdigit()):
-                raise LayerSelectionError(f"custom_layers: cannot read {token!r}; on {self.family} expected "
-                                          "double.N, single.N, double or single (e.g. single.3, double)")
+        for kind, number in _parse_blocks(text, self.family, "custom_layers"):
             count = self.double if kind == "double" else self.single
-            numbers = [int(number)] if number else range(count)
-            for i in numbers:
-                if i >= count:
-                    raise LayerSelectionError(f"custom_layers: this model has no {token} ({self.double} double "
-                                              f"and {self.single} single blocks)")
-                if (kind, i) not in chosen:
-                    chosen.append((kind, i))
+            if number is not None and number >= count:
+                raise LayerSelectionError(f"custom_layers: this model has no {kind}.{number} ({self.double} double "
+                                          f"and {self.single} single blocks)")
+            chosen.extend(site for site in ((kind, i) for i in ([number] if number is not None else range(count)))
+                          if site not in chosen)
         if not chosen:
             raise LayerSelectionError("custom_layers: empty; list blocks such as double.0, single.3")
+        return chosen
+
+    def select(self, sites: list, text: str, input_name: str, missing: str) -> list:
+        """The sites among `sites` that the names in text select (double.N, single.N, double, single);
+        a name selecting none raises missing formatted with its {name} and the {layers}."""
+        chosen = []
+        for kind, number in _parse_blocks(text, self.family, input_name):
+            matches = [site for site in sites if site[0] == kind and number in (None, site[1])]
+            if not matches:
+                name = kind if number is None else f"{kind}.{number}"
+                raise LayerSelectionError(missing.format(name=name, layers=format_layers(sites)))
+            chosen.extend(site for site in matches if site not in chosen)
         return chosen
 
     def check_latent_size(self, height: int, width: int, input_name: str, what: str = "") -> None:
@@ -115,14 +123,16 @@ class FluxAdapter:
 
     @staticmethod
     def installed(model: comfy.model_patcher.ModelPatcher, site, kind: str):
-        """The block replacement at a site on this clone, or None (a block has one attention)."""
+        """What acts at a site on this clone (this pack's patch inside its block replacement, another
+        node's block replacement), or None (a block has one attention)."""
         replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-        return replaced.get((BLOCK_KEYS[site[0]], site[1]))
+        existing = replaced.get((BLOCK_KEYS[site[0]], site[1]))
+        return existing.patch if isinstance(existing, JointAttentionSite) else existing
 
     def install(self, model: comfy.model_patcher.ModelPatcher, site, kind: str, patch) -> None:
         if kind != "attn1":
             raise ValueError(f"a Flux block has one (joint) attention; {kind!r} has no meaning here")
-        model.set_model_patch_replace(JointAttentionSite(patch, self.theta, self.axes_dim), "dit",
+        model.set_model_patch_replace(JointAttentionSite(patch, site, self.theta, self.axes_dim), "dit",
                                       BLOCK_KEYS[site[0]], site[1])
 
     def token_grid(self, x: torch.Tensor, c_crossattn: torch.Tensor) -> TokenGrid:
@@ -131,28 +141,39 @@ class FluxAdapter:
                          math.ceil(x.shape[-1] / self.patch_size))
 
 
+def _parse_blocks(text: str, family: str, input_name: str) -> list[tuple[str, int | None]]:
+    """ "double.3, single" -> [("double", 3), ("single", None)] (None: every block of that kind)."""
+    parsed = []
+    for token in text.replace(",", " ").split():
+        kind, _, number = token.partition(".")
+        if kind not in BLOCK_KEYS or (number and not number.isdigit()):
+            raise LayerSelectionError(f"{input_name}: cannot read {token!r}; on {family} expected "
+                                      "double.N, single.N, double or single (e.g. single.3, double)")
+        parsed.append((kind, int(number) if number else None))
+    return parsed
+
+
 @dataclass(frozen=True)
 class JointAttentionSite:
-    """A block replacement that runs the block's own forward, its joint attention through `styled`."""
+    """A block replacement that runs the block's own forward, its joint attention through `patch` (a
+    StyledAttention, or an attention-map capture's CapturingAttention) in the calls it acts on."""
 
-    styled: StyledAttention
+    patch: object
+    site: tuple
     theta: int
     axes_dim: tuple[int, ...]
 
-    @property
-    def owner(self):
-        return self.styled.owner
-
-    @property
-    def conflict_note(self) -> str:
-        return self.styled.conflict_note
+    def _tokens(self, options: dict) -> TokenGrid | None:
+        """The call's tokens where the patch acts in this call: its style is on, or a capture asks."""
+        owner = getattr(self.patch, "owner", None)
+        call = None if owner is None else style_call(options, owner)
+        return call.tokens if call is not None else captured_tokens(options, self.site)
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args["transformer_options"]
-        call = style_call(options, self.styled.owner)
-        if call is None:
+        grid = self._tokens(options)
+        if grid is None:
             return extra["original_block"](args)
-        grid: TokenGrid = call.tokens
         rotation = args.get("pe")
         beside = None
         if rotation is not None:
@@ -163,31 +184,32 @@ class JointAttentionSite:
             beside = EmbedND(sum(self.axes_dim), self.theta, list(self.axes_dim))(position)
             rotation = rotation[:1]  # every item of a call has the same positions
         layout = TokenLayout(grid.text, grid.height * grid.width, rotation, beside)
-        override = JointAttention(self.styled, layout, options.get(ATTENTION_OVERRIDE_OPTION))
+        override = JointAttention(self.patch, layout, options.get(ATTENTION_OVERRIDE_OPTION))
         options = {**options, ATTENTION_OVERRIDE_OPTION: override}
         return extra["original_block"]({**args, "transformer_options": options})
 
 
 @dataclass(frozen=True)
 class JointAttention:
-    """The optimized_attention_override of one styled block: its joint attention through `styled`
-    with the call's layout; the override the user had (inner) serves the kernel calls."""
+    """The optimized_attention_override of one block: its joint attention through `patch` with the
+    call's layout; the override the user had (inner) serves the kernel calls."""
 
-    styled: StyledAttention
+    patch: object  # StyledAttention or CapturingAttention: (query, key, value, extra_options) -> output
     layout: TokenLayout
     inner: object = None
 
     def __call__(self, func, query, key, value, heads, *args, mask=None, skip_reshape=False, transformer_options=None,
                  **kwargs):
         if mask is not None:
-            raise ValueError(f"{self.styled.owner}: this model's attention has a mask (e.g. Chroma's text padding "
-                             "mask), which the style does not support yet; run without the attention mask")
+            node = getattr(self.patch, "owner", None) or "CaptureAttentionMaps"
+            raise ValueError(f"{node}: this model's attention has a mask (e.g. Chroma's text padding mask), which "
+                             "this pack's nodes do not support yet; run without the attention mask")
         if skip_reshape:  # (batch, heads, rows, dim_head) -> (batch, rows, heads * dim_head)
             query, key, value = (t.transpose(1, 2).flatten(2) for t in (query, key, value))
         options = {k: v for k, v in (transformer_options or {}).items() if k != ATTENTION_OVERRIDE_OPTION}
         if self.inner is not None:
             options[ATTENTION_OVERRIDE_OPTION] = self.inner
-        out = self.styled(query, key, value, {**options, "n_heads": heads, LAYOUT_OPTION: self.layout})
+        out = self.patch(query, key, value, {**options, "n_heads": heads, LAYOUT_OPTION: self.layout})
         if kwargs.get("skip_output_reshape"):  # the caller wants (batch, heads, rows, dim_head) back
             return out.unflatten(2, (heads, -1)).transpose(1, 2)
         return out

@@ -14,7 +14,8 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
 from ...attention_patches.layers import (ALL_SELF_ATTENTION, LATE_SELF_ATTENTION, PRESETS, SelfAttentionLayer,
-                                         TransformerSite, all_layers, layer_name, resolve_layers)
+                                         TransformerSite, all_layers, layer_name, parse_custom_layers, resolve_layers,
+                                         select_layers)
 
 KINDS = ("attn1", "attn2")  # a site's self-attention, its cross-attention
 
@@ -28,8 +29,10 @@ class UNetAdapter:
     family = "UNet (SD1.x, SD2.x, SDXL)"
     models = "UNet models (SD1.x, SD2.x, SDXL)"
     presets = PRESETS
-    auto = {"visual_style_prompting": LATE_SELF_ATTENTION, "style_aligned": ALL_SELF_ATTENTION}
+    auto = {"visual_style_prompting": LATE_SELF_ATTENTION, "style_aligned": ALL_SELF_ATTENTION,
+            "attention_maps": LATE_SELF_ATTENTION}
     kind_names = {"attn1": "self-attention", "attn2": "cross-attention"}
+    map_kinds = {"self": "attn1", "cross": "attn2"}  # where each kind of attention map is read
 
     @classmethod
     def of(cls, model: comfy.model_patcher.ModelPatcher) -> "UNetAdapter | None":
@@ -45,6 +48,12 @@ class UNetAdapter:
     def resolve(self, preset: str, custom_layers: str = "") -> list[SelfAttentionLayer]:
         """The sites a preset (or the custom list) selects on this UNet; never empty."""
         return resolve_layers(list(self.sites), preset, custom_layers)
+
+    @staticmethod
+    def select(sites: list[SelfAttentionLayer], text: str, input_name: str, missing: str) -> list[SelfAttentionLayer]:
+        """The sites among `sites` that the names in text select (output.3: every depth; output.3.1: one);
+        a name selecting none raises missing formatted with its {name} and the {layers}."""
+        return select_layers(sites, parse_custom_layers(text, input_name), missing)
 
     def check_latent_size(self, height: int, width: int, input_name: str, what: str = "") -> None:
         """A latent of this size can go through the model: what (e.g. "the reference latent is ") prefixes it."""
