@@ -234,11 +234,11 @@ def with_capture(attention: AttentionFunction, layer: SelfAttentionLayer, extra_
 class CapturingAttention:
     """An attn1 or attn2 replace patch that only captures: the layer computes ComfyUI's attention."""
 
-    layer: SelfAttentionLayer
+    site: tuple
     attention: AttentionFunction
     key_sources: tuple[str, ...]  # ("self",) for self-attention, ("text",) for cross-attention
 
     def __call__(self, query, key, value, extra_options: dict) -> torch.Tensor:
-        attention = with_capture(for_call(self.attention, extra_options), self.layer, extra_options, self.key_sources,
+        attention = with_capture(for_call(self.attention, extra_options), self.site, extra_options, self.key_sources,
                                  query.shape[0], extra_options["cond_or_uncond"])
         return attention(query, key, value, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))

@@ -51,18 +51,26 @@ class ExternalReference:
 class LatentReference(ExternalReference):
     """Forward-noised to each sigma with noise drawn once from a seed."""
 
-    latent: torch.Tensor  # (1, C, H, W), as a LATENT holds it (before the model's latent scaling)
+    latent: torch.Tensor  # (1, C, H, W) or (1, C, 1, H, W), as a LATENT holds it (before the latent scaling)
     noise: torch.Tensor  # same shape
 
     def state_at(self, base_model, sigma: torch.Tensor) -> torch.Tensor:
-        clean = base_model.process_latent_in(self.latent)
-        return base_model.model_sampling.noise_scaling(sigma, self.noise, clean)
+        clean = self.clean_latent(base_model)
+        return base_model.model_sampling.noise_scaling(sigma, with_frames(base_model, self.noise), clean)
 
     def latent_shape(self) -> torch.Size:
         return self.latent.shape
 
     def clean_latent(self, base_model) -> torch.Tensor:
-        return base_model.process_latent_in(self.latent)
+        return base_model.process_latent_in(with_frames(base_model, self.latent))
+
+
+def with_frames(base_model, latent: torch.Tensor) -> torch.Tensor:
+    """An image latent as the model samples it: (1, C, 1, H, W) where its latents have a frame axis
+    (Qwen-Image's, as ComfyUI's sampling turns an empty 4-D latent), else as it is."""
+    if getattr(base_model.latent_format, "latent_dimensions", 2) == 3 and latent.ndim == 4:
+        return latent.unsqueeze(2)
+    return latent
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -68,10 +68,10 @@ class StyleReferenceLatent(io.ComfyNode):
     def execute(cls, latent, clip, prompt, reference_seed, cache_megabytes, cache_on_cpu,
                 conditioning=None) -> io.NodeOutput:
         samples = latent["samples"]
-        if samples.ndim != 4 or samples.shape[0] != 1:
+        if not (samples.ndim == 4 or (samples.ndim == 5 and samples.shape[2] == 1)) or samples.shape[0] != 1:
             raise ValueError(
-                f"latent: expected one image latent of shape (1, C, H, W), got {tuple(samples.shape)}; "
-                "pick one image with Latent From Batch"
+                f"latent: expected one image latent of shape (1, C, H, W) (or (1, C, 1, H, W), Qwen-Image's), got "
+                f"{tuple(samples.shape)}; pick one image with Latent From Batch"
             )
         noise = comfy.sample.prepare_noise(samples, reference_seed)
         conditioning = reference_conditioning(clip, prompt, conditioning)

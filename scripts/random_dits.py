@@ -51,16 +51,35 @@ def tiny_chroma(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_d
     return _sharpened(model_patcher(comfy.supported_models.Chroma(config), seed, dtype, manual_cast_dtype), seed)
 
 
-def _sharpened(patcher, seed: int):
+def _sharpened(patcher, seed: int, names=("query_norm.scale", "key_norm.scale")):
     """QK-norm scales uniform in [1, 2.5], as a trained model has them (near 1 and above): the generic
     N(0, 0.02) of parameters without reset_parameters would make every attention almost uniform, where
     positions (RoPE) and anything else that moves the scores barely move the output."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in patcher.model.diffusion_model.named_parameters():
-            if name.endswith(("query_norm.scale", "key_norm.scale")):
+            if name.endswith(names):
                 parameter.copy_(torch.rand(parameter.shape, generator=generator) * 1.5 + 1.0)
     return patcher
+
+
+QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16,
+                     "num_layers": 2, "attention_head_dim": 32, "num_attention_heads": 2,
+                     "joint_attention_dim": TEXT_DIM, "axes_dims_rope": (4, 14, 14)}
+
+
+def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
+    """A tiny Qwen-Image (2 dual-stream blocks of 2 heads of 32, text width TEXT_DIM; 3584 on the real one)
+    ModelPatcher, its QK RMSNorm weights (norm_q, norm_k, norm_added_q, norm_added_k) uniform in [1, 2.5] as
+    _sharpened's. Latents at the model are 5-D: (batch, 16, 1, height, width)."""
+    patcher = model_patcher(comfy.supported_models.QwenImage(dict(QWEN_IMAGE_CONFIG)), seed, dtype, manual_cast_dtype)
+    return _sharpened(patcher, seed, names=tuple(f"attn.{n}.weight" for n in ("norm_q", "norm_k", "norm_added_q",
+                                                                                "norm_added_k")))
+
+
+def qwen_conditioning(seed: int, tokens: int = 8) -> list:
+    """[[context (1, tokens, TEXT_DIM), {}]] for tiny_qwen_image (no pooled output, no guidance)."""
+    return [[torch.randn(1, tokens, TEXT_DIM, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
 def flux_conditioning(seed: int, tokens: int = 8, guidance: float | None = 3.5) -> list:
@@ -69,6 +88,61 @@ def flux_conditioning(seed: int, tokens: int = 8, guidance: float | None = 3.5) 
     if guidance is not None:
         extras["guidance"] = guidance
     return [[torch.randn(1, tokens, TEXT_DIM, generator=generator), extras]]
+
+
+def tiny_sd3_config(depth: int = 2, **overrides) -> dict:
+    """SD3 Medium's unet_config as ComfyUI's detection writes it, shrunk. MMDiT derives its width from depth
+    (hidden 64 * depth, depth heads of 64), so depth 2 is 128 wide, 2 heads, 2 joint blocks (the last one's
+    text side pre-only). The pos_embed table is 16 x 16 patches (latents up to 32 x 32)."""
+    config = {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+              "adm_in_channels": POOLED_DIM, "pos_embed_scaling_factor": None, "num_patches": 256,
+              "pos_embed_max_size": 16, "x_block_self_attn_layers": [],
+              "context_embedder_config": {"target": "torch.nn.Linear",
+                                          "params": {"in_features": TEXT_DIM, "out_features": 64 * depth}}}
+    return {**config, **overrides}
+
+
+def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None,
+             **overrides):
+    """A tiny SD3 (3.0 Medium: no QK norm) ModelPatcher: 2 joint blocks of 2 heads, attention sharpened
+    (_mmdit_filled)."""
+    model_config = comfy.supported_models.SD3(tiny_sd3_config(**overrides))
+    return _mmdit_filled(model_patcher(model_config, seed, dtype, manual_cast_dtype), seed)
+
+
+def tiny_sd35_medium(seed: int = 0, dtype: torch.dtype = torch.float32,
+                     manual_cast_dtype: torch.dtype | None = None):
+    """A tiny SD3.5 Medium: QK RMSNorm, and the x_block's second, image-only self-attention (attn2) in its
+    first blocks (0-12 of 24 in the real one): depth 3 (192 wide, 3 heads), attn2 in blocks 0 and 1."""
+    return tiny_sd3(seed, dtype, manual_cast_dtype, depth=3, qk_norm="rms", x_block_self_attn_layers=[0, 1])
+
+
+def _mmdit_filled(patcher, seed: int):
+    """What randomize_parameters leaves unlike a real file: the pos_embed buffer (torch.empty: garbage) gets
+    the 2-D sin-cos table; QK-RMSNorm scales uniform in [1, 2.5] as _sharpened's, or without QK norm (SD3.0)
+    every qkv's q and k rows times 3. Otherwise attention is near-uniform (normalised entropy ~0.99) and
+    errors in what a row attends to are invisible."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+    dit = patcher.model.diffusion_model
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        side = dit.pos_embed_max_size
+        dit.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(dit.hidden_size, side)).float()[None])
+        qk_norm = any(name.endswith("ln_q.weight") for name, _ in dit.named_parameters())
+        for name, parameter in dit.named_parameters():
+            if name.endswith(("ln_q.weight", "ln_k.weight")):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 1.5 + 1.0)
+            elif name.endswith(("qkv.weight", "qkv.bias")) and not qk_norm:
+                parameter[:2 * dit.hidden_size] *= 3.0
+    return patcher
+
+
+def sd3_conditioning(seed: int, tokens: int = 8) -> list:
+    """[[context (1, tokens, TEXT_DIM), {"pooled_output": (1, POOLED_DIM)}]] for tiny_sd3 / tiny_sd35_medium
+    (4096 and 2048 wide on the real ones)."""
+    generator = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(1, POOLED_DIM, generator=generator)
+    return [[torch.randn(1, tokens, TEXT_DIM, generator=generator), {"pooled_output": pooled}]]
 
 
 def tiny_flux_clip(seed: int = 0) -> comfy.sd.CLIP:

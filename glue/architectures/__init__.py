@@ -9,9 +9,11 @@ import comfy.model_patcher
 
 from ...attention_patches.layers import CUSTOM, LayerSelectionError
 from .flux import FluxAdapter
+from .mmdit import MMDiTAdapter
+from .qwen_image import QwenImageAdapter
 from .unet import UNetAdapter
 
-ADAPTERS = (UNetAdapter, FluxAdapter)
+ADAPTERS = (UNetAdapter, FluxAdapter, MMDiTAdapter, QwenImageAdapter)
 UNET_ONLY = (UNetAdapter,)
 AUTO = "auto"  # the method's default preset on the model's family (each adapter's `auto`)
 # Every family's presets in one list, for a node's layers input: auto first, custom last.
@@ -29,7 +31,8 @@ def adapter_for(model: comfy.model_patcher.ModelPatcher, node_name: str, familie
         found = adapter.of(model)
         if found is not None:
             return found
-    covered = " and ".join(adapter.models for adapter in families)
+    names = [adapter.models for adapter in families]
+    covered = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     model_name = type(model.get_model_object("diffusion_model")).__name__
     raise UnsupportedModelError(f"{node_name} works on {covered}; this model is {model_name}")
 
