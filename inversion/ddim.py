@@ -113,6 +113,7 @@ def load_trajectory(path: str) -> InversionTrajectory:
         if (archive.metadata() or {}).get("format") != TRAJECTORY_FORMAT:
             raise ValueError(f"{path} is not an inversion saved by Save Inversion")
         sigmas, latents = archive.get_tensor("sigmas"), archive.get_tensor("latents")
-    if sigmas.ndim != 1 or latents.ndim != 5 or latents.shape[0] != sigmas.shape[0]:
+    # latents: (steps + 1, batch, C, H, W), or (..., C, 1, H, W) for a model with a frame axis (Qwen-Image)
+    if sigmas.ndim != 1 or latents.ndim not in (5, 6) or latents.shape[0] != sigmas.shape[0]:
         raise ValueError(f"{path}: inconsistent inversion (sigmas {tuple(sigmas.shape)}, latents {tuple(latents.shape)})")
     return InversionTrajectory(sigmas=sigmas, latents=latents)
