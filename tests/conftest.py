@@ -29,6 +29,7 @@ import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 import random_dits  # noqa: E402
 import random_models  # noqa: E402
+from support.dit_workflow_models import tiny_qwen_image_models, tiny_sd35_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
 COMFYUI_VERSION = comfyui_version.__version__
@@ -136,6 +137,16 @@ def flux_models():
     return random_dits.tiny_flux_models(seed=0)
 
 
+@pytest.fixture(scope="session")
+def sd35_models():
+    return tiny_sd35_models(seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_image_models():
+    return tiny_qwen_image_models(seed=0)
+
+
 class RandomWeightCheckpoint:
     """Test stand-in for CheckpointLoaderSimple: the tiny random models of this session."""
 
@@ -143,7 +154,7 @@ class RandomWeightCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"architecture": (["sd15", "sdxl", "flux"],)}}
+        return {"required": {"architecture": (["sd15", "sdxl", "flux", "sd35", "qwen_image"],)}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -155,7 +166,8 @@ class RandomWeightCheckpoint:
 
 
 class RandomWeightPart(RandomWeightCheckpoint):
-    """Test stand-in for the loader of one file of a model (Load Diffusion Model, DualCLIPLoader, Load VAE)."""
+    """Test stand-in for the loader of one file of a model (Load Diffusion Model, DualCLIPLoader, Load CLIP,
+    Load VAE)."""
 
     def load(self, architecture):
         return (getattr(self.MODELS[architecture], self.PART),)
@@ -163,7 +175,7 @@ class RandomWeightPart(RandomWeightCheckpoint):
 
 nodes.NODE_CLASS_MAPPINGS["RandomWeightCheckpoint"] = RandomWeightCheckpoint
 for _loader, _part, _type in (("UNETLoader", "model", "MODEL"), ("DualCLIPLoader", "clip", "CLIP"),
-                              ("VAELoader", "vae", "VAE")):
+                              ("CLIPLoader", "clip", "CLIP"), ("VAELoader", "vae", "VAE")):
     nodes.NODE_CLASS_MAPPINGS[f"RandomWeight{_loader}"] = type(f"RandomWeight{_loader}", (RandomWeightPart,),
                                                                {"PART": _part, "RETURN_TYPES": (_type,)})
 
@@ -236,8 +248,9 @@ def fastsam_models(random_fastsam, monkeypatch):
 
 
 @pytest.fixture
-def engine(tmp_path, sd15, sdxl, flux_models, loras_folder, fastsam_models):
-    RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl, "flux": flux_models}
+def engine(tmp_path, sd15, sdxl, flux_models, sd35_models, qwen_image_models, loras_folder, fastsam_models):
+    RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl, "flux": flux_models, "sd35": sd35_models,
+                                     "qwen_image": qwen_image_models}
     folder_paths.set_output_directory(str(tmp_path))
     return Engine(tmp_path)
 

@@ -14,8 +14,16 @@ from conftest import REPO, Engine, load_workflow_as_api
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA", "StyleInjection", "MaskedStyleBlend"}
 TEST_SIDE = 64  # LoadImage's images are scaled (center crop) to this side
-# A model's separate files (a Flux setup) load from conftest's stand-ins for these loaders.
-PART_LOADERS = ("UNETLoader", "DualCLIPLoader", "VAELoader")
+# A model's separate files (a Flux or Qwen-Image setup) load from conftest's stand-ins for these loaders.
+PART_LOADERS = ("UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader")
+# The tiny random models a workflow runs on, by a name in its file name (sd15 otherwise).
+ARCHITECTURES = ("sdxl", "flux", "sd35", "qwen_image")
+# In-batch workflows on DiTs: (architecture, KSampler's cfg, sampler and scheduler as the family is run).
+DIT_IN_BATCH_WORKFLOWS = {
+    "flux_visual_style_prompting_in_batch": ("flux", (1.0, "euler", "simple")),
+    "sd35_visual_style_prompting_in_batch": ("sd35", (4.5, "euler", "sgm_uniform")),
+    "qwen_image_style_aligned_prompts": ("qwen_image", (2.5, "euler", "simple")),
+}
 
 
 def test_every_workflow_has_a_thumbnail():
@@ -112,7 +120,7 @@ def pixels(engine, outputs):
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_executes_styles_and_leaves_the_model_clean(engine, workflow):
-    architecture = next((name for name in ("sdxl", "flux") if name in workflow.stem), "sd15")
+    architecture = next((name for name in ARCHITECTURES if name in workflow.stem), "sd15")
     prompt = without_heatmaps(for_test_models(load_workflow_as_api(workflow), architecture))
     unstyled_prompt = without_style(prompt)
 
@@ -158,16 +166,20 @@ def test_the_edit_workflow_reconstructs_the_image_with_its_own_prompt(engine):
     assert np.abs(edited.astype(int) - reconstruction.astype(int)).max() <= 1
 
 
-def test_the_flux_workflow_styles_the_targets_from_batch_item_0_on_a_flux_model(engine):
-    """On the tiny random Flux (its diffusion model, text encoders and VAE loaded by the part loaders' stand-ins):
-    the reference (item 0) is sampled as without the style, each target changes."""
-    workflow = REPO / "example_workflows" / "flux_visual_style_prompting_in_batch.json"
-    prompt = for_test_models(load_workflow_as_api(workflow), "flux")
+@pytest.mark.parametrize("workflow", DIT_IN_BATCH_WORKFLOWS)
+def test_a_dit_workflow_styles_the_targets_from_batch_item_0(engine, workflow):
+    """On the tiny random Flux, SD3.5 Large or Qwen-Image (its checkpoint or its diffusion model, text encoder
+    and VAE loaded by the loaders' stand-ins, the text encoders ComfyUI's own classes): the reference (item 0)
+    is sampled as without the style, each target changes."""
+    architecture, sampler_settings = DIT_IN_BATCH_WORKFLOWS[workflow]
+    prompt = for_test_models(load_workflow_as_api(REPO / "example_workflows" / f"{workflow}.json"), architecture)
     assert not {node["class_type"] for node in prompt.values()} & {*PART_LOADERS, "CheckpointLoaderSimple"}
     (sampler,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "KSampler"]
-    assert (sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (1.0, "euler", "simple")
+    assert (sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == sampler_settings
+    (prompts,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "ReferenceTargetPrompts"]
+    batch = 1 + len([line for line in prompts["target_prompts"].splitlines() if line.strip()])
     styled = pixels(engine, engine.run(prompt))
     unstyled = pixels(engine, Engine(engine.output_dir).run(without_style(prompt)))
-    assert styled.shape == (3, TEST_SIDE, TEST_SIDE, 3)
+    assert styled.shape == (batch, TEST_SIDE, TEST_SIDE, 3)
     assert np.abs(styled[0].astype(int) - unstyled[0].astype(int)).max() <= 1
-    assert all(not np.array_equal(styled[i], unstyled[i]) for i in (1, 2))
+    assert all(not np.array_equal(styled[i], unstyled[i]) for i in range(1, len(styled)))
