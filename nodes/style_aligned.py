@@ -91,13 +91,13 @@ class StyleAlignedAttention(io.ComfyNode):
                                "for SD1.x/SD2.x, off for SDXL, as in the original notebooks."),
                 *layer_inputs(AUTO, "Which attention layers are shared. auto: all_self_attention on a UNet (the "
                               "paper shares all), single_blocks on Flux (AlignedGen shares all 38 single blocks), "
-                              "all_blocks on SD3 and Qwen-Image.",
+                              "all_blocks on SD3, Qwen-Image and Lumina 2.",
                               LAYER_CHOICES),
                 *schedule_inputs(),
                 reference_input(),
                 io.Combo.Input("reference_positions", options=list(REFERENCE_POSITIONS), default="beside",
-                               tooltip="Flux and Qwen-Image only (a UNet's and SD3's attention have no rotary "
-                               "positions): beside places the reference's shared keys one image width to the right of the target (AlignedGen), so "
+                               tooltip="Flux, Qwen-Image and Lumina 2 only (a UNet's and SD3's attention have no "
+                               "rotary positions): beside places the reference's shared keys one image width to the right of the target (AlignedGen), so "
                                "the target does not read it as its own content; same keeps the reference's own "
                                "positions, on top of the target's. AlignedGen's style factor 1.1 is "
                                "shared_score_scale."),

@@ -16,8 +16,8 @@ def layer_inputs(default: str, tooltip: str, choices=PRESETS) -> list:
     custom = ("Used when layers is custom: block.number (every depth) or block.number.index, comma separated, "
               "e.g. output.3, output.4.1")
     if "single_blocks" in choices:
-        custom += ("; on Flux double.N, single.N, or double / single for all of them, e.g. double.0, single; on SD3 "
-                   "and Qwen-Image double.N or double, e.g. double.12, double.13")
+        custom += ("; on Flux double.N, single.N, or double / single for all of them, e.g. double.0, single; on SD3, "
+                   "Qwen-Image and Lumina 2 double.N or double, e.g. double.12, double.13")
     return [
         io.Combo.Input("layers", options=list(choices), default=default, tooltip=tooltip),
         io.String.Input("custom_layers", default="", tooltip=custom),

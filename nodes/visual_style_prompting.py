@@ -16,11 +16,11 @@ from .style_inputs import (install_styled_attention, layer_inputs, new_owner, re
 
 LAYERS_TOOLTIP = (
     "Which attention layers take the reference's keys and values. auto: late_self_attention on a UNet, "
-    "vital_blocks on Flux, late_blocks on SD3 and Qwen-Image. late_self_attention (UNet): the decoder's attention "
-    "levels above its coarsest one (SDXL output blocks 3-5, as in the paper; SD1.5 output blocks 6-11). "
+    "vital_blocks on Flux, late_blocks on SD3, Qwen-Image and Lumina 2. late_self_attention (UNet): the decoder's "
+    "attention levels above its coarsest one (SDXL output blocks 3-5, as in the paper; SD1.5 output blocks 6-11). "
     "vital_blocks (Flux): Stable Flow's vital layers (double 0, 1, 17, 18; single 6, 9, 34, 35, 37 on Flux.1). "
-    "late_blocks (SD3, Qwen-Image): the second half of the blocks. On a DiT only the image tokens' keys and "
-    "values are swapped, the prompt's stay. custom: the custom_layers list."
+    "late_blocks (SD3, Qwen-Image, Lumina 2): the second half of the blocks. On a DiT only the image tokens' keys "
+    "and values are swapped, the prompt's stay. custom: the custom_layers list."
 )
 
 

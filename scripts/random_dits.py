@@ -1,10 +1,11 @@
-"""Tiny Flux-family DiTs (Flux.1, Chroma) with random weights, built through comfy.supported_models as a
-real file of that family would be (hidden 64, 2 heads, 2 double and 2 single blocks): no weights are
-downloaded.
+"""Tiny DiTs with random weights (Flux.1, Chroma, SD3, SD3.5 Medium, Qwen-Image, Lumina 2, Z-Image), built
+through comfy.supported_models as a real file of that family would be (a few blocks, 2 heads; hidden 64
+where the family allows): no weights are downloaded. Attention is sharpened as a trained model's is
+(QK-norm scales in [1, 2.5]), or every attention would be almost uniform.
 
-Conditioning is built directly: [[context (1, tokens, TEXT_DIM), {"pooled_output": (1, POOLED_DIM),
-"guidance": 3.5}]] (flux_conditioning), or by a tiny Flux text encoder of ComfyUI's own classes
-(tiny_flux_clip); tiny_flux_vae decodes Flux's 16-channel latents."""
+Conditioning is built directly: [[context (1, tokens, TEXT_DIM), {...}]] (flux_conditioning with its
+pooled output and guidance, sd3_conditioning, qwen_conditioning, lumina2_conditioning), or for Flux by a
+tiny text encoder of ComfyUI's own classes (tiny_flux_clip); tiny_flux_vae decodes 16-channel latents."""
 
 import dataclasses
 
@@ -80,6 +81,47 @@ def tiny_qwen_image(seed: int = 0, dtype: torch.dtype = torch.float32, manual_ca
 def qwen_conditioning(seed: int, tokens: int = 8) -> list:
     """[[context (1, tokens, TEXT_DIM), {}]] for tiny_qwen_image (no pooled output, no guidance)."""
     return [[torch.randn(1, tokens, TEXT_DIM, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def tiny_lumina2_config(z_image: bool = False, **overrides) -> dict:
+    """A Lumina Image 2.0-shaped unet_config as ComfyUI's detection writes it, shrunk (hidden 64, 2 heads of 32,
+    grouped-query attention with 1 key/value head, 2 main layers and 1 of each refiner); z_image: Z-Image's
+    (no grouped keys, its modulation, time scale 1000, rope theta 256, caption and image padded to 32 tokens;
+    256 wide, 2 heads of 128 with the real axes 32 + 48 + 48: its modulation is 256 wide whatever the model's)."""
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": TEXT_DIM,
+              "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True,
+              "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0,
+              "multiple_of": 16}
+    if z_image:
+        config.update(dim=256, n_kv_heads=2, axes_dims=[32, 48, 48], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True,
+                      time_scale=1000.0, pad_tokens_multiple=32)
+    return {**config, **overrides}
+
+
+def tiny_lumina2(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None,
+                 z_image: bool = False):
+    """A tiny Lumina Image 2.0 (or, z_image, Z-Image) ModelPatcher, its QK-norm weights drawn as _sharpened's
+    and its padding tokens (torch.empty in the model) drawn N(0, 1)."""
+    supported = comfy.supported_models.ZImage if z_image else comfy.supported_models.Lumina2
+    patcher = model_patcher(supported(tiny_lumina2_config(z_image)), seed, dtype, manual_cast_dtype)
+    dit = patcher.model.diffusion_model
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in ("x_pad_token", "cap_pad_token"):
+            if hasattr(dit, name):
+                getattr(dit, name).copy_(torch.randn(getattr(dit, name).shape, generator=generator))
+    return _sharpened(patcher, seed, names=("q_norm.weight", "k_norm.weight"))
+
+
+def tiny_z_image(seed: int = 0, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None):
+    return tiny_lumina2(seed, dtype, manual_cast_dtype, z_image=True)
+
+
+def lumina2_conditioning(seed: int, tokens: int = 8) -> list:
+    """[[context (1, tokens, TEXT_DIM), {}]] for tiny_lumina2 / tiny_z_image (Gemma 2 / Qwen3 hidden states on
+    the real ones)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, TEXT_DIM, generator=generator), {}]]
 
 
 def flux_conditioning(seed: int, tokens: int = 8, guidance: float | None = 3.5) -> list:

@@ -9,11 +9,13 @@ import comfy.model_patcher
 
 from ...attention_patches.layers import CUSTOM, LayerSelectionError
 from .flux import FluxAdapter
+from .joint_blocks import HostTooOld
+from .lumina import LuminaAdapter
 from .mmdit import MMDiTAdapter
 from .qwen_image import QwenImageAdapter
 from .unet import UNetAdapter
 
-ADAPTERS = (UNetAdapter, FluxAdapter, MMDiTAdapter, QwenImageAdapter)
+ADAPTERS = (UNetAdapter, FluxAdapter, MMDiTAdapter, QwenImageAdapter, LuminaAdapter)
 UNET_ONLY = (UNetAdapter,)
 AUTO = "auto"  # the method's default preset on the model's family (each adapter's `auto`)
 # Every family's presets in one list, for a node's layers input: auto first, custom last.
@@ -28,7 +30,10 @@ def adapter_for(model: comfy.model_patcher.ModelPatcher, node_name: str, familie
     """The adapter of this model's family, among the families the node supports; any other model is
     refused by name."""
     for adapter in families:
-        found = adapter.of(model)
+        try:
+            found = adapter.of(model)
+        except HostTooOld as error:
+            raise UnsupportedModelError(f"{node_name}: {error}") from None
         if found is not None:
             return found
     names = [adapter.models for adapter in families]

@@ -36,6 +36,10 @@ DOUBLE_BLOCK_PRESETS = (LATE_BLOCKS, ALL_BLOCKS, CUSTOM)
 DOUBLE_BLOCK_AUTO = {"visual_style_prompting": LATE_BLOCKS, "style_aligned": ALL_BLOCKS, "attention_maps": LATE_BLOCKS}
 
 
+class HostTooOld(ValueError):
+    """The model is of a supported family, but this ComfyUI lacks what the pack needs to reach its layers."""
+
+
 class JointBlocksAdapter:
     """The part of an adapter every block-replacing DiT family shares. A subclass (a frozen dataclass)
     gives block_counts (kind -> number of blocks, in the model's order), block_keys (kind -> ComfyUI's
@@ -176,6 +180,13 @@ class RotaryPositions:
         return rotation[:1], beside  # every item of a call has the same positions
 
 
+def acting_tokens(patch, site, options: dict) -> TokenGrid | None:
+    """The call's tokens where a site's patch acts in this call (its style is on, or a capture asks), else None."""
+    owner = getattr(patch, "owner", None)
+    call = None if owner is None else style_call(options, owner)
+    return call.tokens if call is not None else captured_tokens(options, site)
+
+
 @dataclass(frozen=True)
 class JointAttentionSite:
     """A block replacement that runs the block's own forward, its joint attention through `patch` (a
@@ -187,15 +198,9 @@ class JointAttentionSite:
     positions: RotaryPositions | None = None
     image_only: object = None
 
-    def _tokens(self, options: dict) -> TokenGrid | None:
-        """The call's tokens where the patch acts in this call: its style is on, or a capture asks."""
-        owner = getattr(self.patch, "owner", None)
-        call = None if owner is None else style_call(options, owner)
-        return call.tokens if call is not None else captured_tokens(options, self.site)
-
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args["transformer_options"]
-        grid = self._tokens(options)
+        grid = acting_tokens(self.patch, self.site, options)
         if grid is None:
             return extra["original_block"](args)
         rotation, beside = (None, None) if self.positions is None else self.positions(args, options, grid)

@@ -1,12 +1,13 @@
-"""Sampling the tiny random SD3 / SD3.5 Medium / Qwen-Image and looking inside one of their blocks, through
-ComfyUI's own code (none of the pack's).
+"""Sampling the tiny random SD3 / SD3.5 Medium / Qwen-Image / Lumina 2 / Z-Image and looking inside one of their
+blocks, through ComfyUI's own code (none of the pack's).
 
 A block's attention calls are seen through a user's optimized_attention_override on a clone, recording only
 while the block's module runs (SD3 puts no block index in transformer_options): q, k, v as the kernel gets
 them, (batch, heads, rows, dim_head), text rows first; "index" 0 is the joint attention, 1 SD3.5 Medium's
 second, image-only one. Outputs are the inputs of the projections after the attention (image rows, text
-rows, the image-only attention's), (batch, rows, heads * dim_head). Qwen-Image's queries and keys before RoPE
-are its QK norms' outputs, and its RoPE the block's image_rotary_emb.
+rows, the image-only attention's; a Lumina layer's whole joint output), (batch, rows, heads * dim_head).
+Qwen-Image's and Lumina's queries and keys before RoPE are their QK norms' outputs (Lumina's keys repeated to
+every head as its grouped-query attention does), and their RoPE what the attention module is handed.
 """
 
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ from support.flux import adain_rows, softmax_attention, with_rope
 HEIGHT = WIDTH = 8  # latent size: 4 x 4 image tokens
 TEXT_TOKENS = 8
 IMAGE = (HEIGHT // 2) * (WIDTH // 2)
-BUILDERS = {"sd3": "tiny_sd3", "sd35_medium": "tiny_sd35_medium", "qwen_image": "tiny_qwen_image"}
+BUILDERS = {"sd3": "tiny_sd3", "sd35_medium": "tiny_sd35_medium", "qwen_image": "tiny_qwen_image",
+            "lumina2": "tiny_lumina2", "z_image": "tiny_z_image"}
 
 
 def tiny(name, **kwargs):
@@ -28,14 +30,31 @@ def tiny(name, **kwargs):
     return getattr(random_dits, BUILDERS[name])(**kwargs)
 
 
+def lumina_reachable() -> bool:
+    """Whether this ComfyUI's Lumina 2 gives its attention calls a block index (0.8.0 does, 0.3.75 not)."""
+    import inspect
+    import comfy.ldm.lumina.model
+    return "block_index" in inspect.getsource(comfy.ldm.lumina.model.NextDiT._forward)
+
+
+def family(model) -> str:
+    dit = model.get_model_object("diffusion_model")
+    return "qwen" if hasattr(dit, "transformer_blocks") else "lumina" if hasattr(dit, "noise_refiner") else "sd3"
+
+
 def is_qwen(model) -> bool:
-    return hasattr(model.get_model_object("diffusion_model"), "transformer_blocks")
+    return family(model) == "qwen"
 
 
 def conditioning(model, seed=0):
-    if is_qwen(model):
-        return random_dits.qwen_conditioning(seed, TEXT_TOKENS)
-    return random_dits.sd3_conditioning(seed, TEXT_TOKENS)
+    return {"qwen": random_dits.qwen_conditioning, "lumina": random_dits.lumina2_conditioning,
+            "sd3": random_dits.sd3_conditioning}[family(model)](seed, TEXT_TOKENS)
+
+
+def text_rows(model) -> int:
+    """The text rows of a call: the prompt's tokens, padded where the model pads them (Z-Image: to 32)."""
+    multiple = getattr(model.get_model_object("diffusion_model"), "pad_tokens_multiple", None) or 1
+    return TEXT_TOKENS + (-TEXT_TOKENS % multiple)
 
 
 def latent_shape(model, batch):
@@ -56,7 +75,8 @@ def dit_sample(model, batch=3, cfg=1.0, steps=1, seed=0, noise=None, positive=No
 
 def block_of(model, site):
     dit = model.get_model_object("diffusion_model")
-    return (dit.transformer_blocks if hasattr(dit, "transformer_blocks") else dit.joint_blocks)[site[1]]
+    return {"qwen": lambda: dit.transformer_blocks, "lumina": lambda: dit.layers,
+            "sd3": lambda: dit.joint_blocks}[family(model)]()[site[1]]
 
 
 def _heads_first(t, heads):
@@ -96,10 +116,13 @@ def attention_calls(model, site):
 
 @contextmanager
 def attention_outputs(model, site):
-    """{"image", "text", "image_only"}: per block call, the attention's output rows before their projections."""
+    """{"image", "text", "image_only", "joint"}: per block call, the attention's output rows before their
+    projections."""
     block = block_of(model, site)
-    outputs = {"image": [], "text": [], "image_only": []}
-    if is_qwen(model):
+    outputs = {"image": [], "text": [], "image_only": [], "joint": []}
+    if family(model) == "lumina":
+        modules = {"joint": block.attention.out}
+    elif is_qwen(model):
         modules = {"image": block.attn.to_out[0], "text": block.attn.to_add_out}
     else:
         modules = {"image": block.x_block.attn}
@@ -132,6 +155,28 @@ def qwen_pre_rope(model, site):
     handles.append(attn.norm_added_k.register_forward_hook(text_keys))
     handles.append(attn.register_forward_pre_hook(lambda m, a, kw: pending.update(pe=kw["image_rotary_emb"][0]),
                                                   with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def lumina_pre_rope(model, site):
+    """Per layer call of a Lumina 2 / Z-Image: {"q", "k"} (batch, heads, rows, d) after the QK norms, before RoPE
+    (keys repeated to every head), and "pe" (1, rows, d / 2, 2, 2)."""
+    attention = block_of(model, site).attention
+    calls, pending = [], {}
+
+    def keys(m, i, o):
+        heads = pending["q"].shape[1]
+        k = o.transpose(1, 2)
+        calls.append({"q": pending["q"], "k": k.repeat_interleave(heads // k.shape[1], dim=1).clone(),
+                      "pe": pending["pe"]})
+    handles = [attention.q_norm.register_forward_hook(lambda m, i, o: pending.update(q=o.transpose(1, 2).clone())),
+               attention.k_norm.register_forward_hook(keys),
+               attention.register_forward_pre_hook(lambda m, a: pending.update(pe=a[2][0].movedim(1, 0)))]
     try:
         yield calls
     finally:
