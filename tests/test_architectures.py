@@ -45,8 +45,9 @@ def test_the_style_nodes_take_flux_and_name_both_families_for_another_model(sd15
     other = sd15.model.clone()
     other.add_object_patch("diffusion_model", NotAUNet())
     with pytest.raises(ValueError, match=r"StyleAlignedAttention works on UNet models \(SD1.x, SD2.x, SDXL\), Flux "
-                                         r"models \(Flux.1, Kontext, Chroma\), SD3 models \(SD3, SD3.5\) and Qwen-Image "
-                                         r"models; this model is NotAUNet"):
+                                         r"models \(Flux.1, Kontext, Chroma\), SD3 models \(SD3, SD3.5\), Qwen-Image "
+                                         r"models and Lumina 2 models \(Lumina Image 2.0, Z-Image\); this model is "
+                                         r"NotAUNet"):
         style_aligned(other)
 
 
