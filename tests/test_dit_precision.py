@@ -1,4 +1,4 @@
-"""SD3.5 Medium and Qwen-Image in the precisions and memory modes ComfyUI runs them in: bfloat16, float16
+"""SD3.5 Medium, Qwen-Image and Z-Image in the precisions and memory modes ComfyUI runs them in: bfloat16, float16
 (SD3.5) and float8_e4m3fn weights cast per layer to bfloat16 (manual cast), and float32 loaded partially
 (--lowvram: weights cast and patched per layer during the forward), with a weight patch (a LoRA's diff) on
 a styled block's weights.
@@ -12,15 +12,22 @@ import pytest
 import torch
 
 from helpers import partial_loading, run_node, style_aligned, vsp
-from support.joint_blocks import HEIGHT, WIDTH, conditioning, dit_sample, tiny
+from support.joint_blocks import HEIGHT, WIDTH, conditioning, dit_sample, lumina_reachable, tiny
 
 pytestmark = pytest.mark.one_host
 
+
+def tiny_model(name, **kwargs):
+    if name == "z_image" and not lumina_reachable():
+        pytest.skip("this ComfyUI's Lumina 2 gives its attention calls no block index: the style nodes refuse it")
+    return tiny(name, **kwargs)
+
 VARIANTS = {"bf16": {"dtype": torch.bfloat16}, "fp16": {"dtype": torch.float16},
             "fp8": {"dtype": torch.float8_e4m3fn, "manual_cast_dtype": torch.bfloat16}}
-MODELS = {"sd35_medium": ("bf16", "fp16", "fp8"), "qwen_image": ("bf16", "fp8")}  # as ComfyUI loads them
+MODELS = {"sd35_medium": ("bf16", "fp16", "fp8"), "qwen_image": ("bf16", "fp8"), "z_image": ("bf16", "fp8")}
 PATCHED_WEIGHT = {"sd35_medium": "diffusion_model.joint_blocks.1.x_block.attn.qkv.weight",
-                  "qwen_image": "diffusion_model.transformer_blocks.1.attn.to_q.weight"}
+                  "qwen_image": "diffusion_model.transformer_blocks.1.attn.to_q.weight",
+                  "z_image": "diffusion_model.layers.1.attention.qkv.weight"}
 CASES = [(name, variant) for name, variants in MODELS.items() for variant in variants]
 
 
@@ -46,6 +53,8 @@ PATHS = {
 def float32_runs():
     runs = {}
     for name in MODELS:
+        if name == "z_image" and not lumina_reachable():
+            continue
         model = tiny(name)
         runs[name] = {path: (dit_sample(style(model), cfg=3.0, steps=2), dit_sample(model, cfg=3.0, steps=2))
                       for path, style in PATHS.items()}
@@ -55,7 +64,7 @@ def float32_runs():
 @pytest.mark.parametrize("name,variant", CASES)
 @pytest.mark.parametrize("path", PATHS)
 def test_a_style_adds_no_error_of_its_own_in_low_precision(float32_runs, name, variant, path):
-    model = tiny(name, **VARIANTS[variant])
+    model = tiny_model(name, **VARIANTS[variant])
     style = PATHS[path]
     styled, plain = dit_sample(style(model), cfg=3.0, steps=2), dit_sample(model, cfg=3.0, steps=2)
     styled32, plain32 = float32_runs[name][path]
@@ -76,7 +85,7 @@ def with_weight_patch(model, name):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("path", ["vsp_in_batch", "style_aligned_in_batch"])
 def test_a_weight_patch_acts_inside_styled_blocks_fully_and_partially_loaded(name, path):
-    model = tiny(name)
+    model = tiny_model(name)
     style = PATHS[path]
     patched = with_weight_patch(model, name)
     plain = dit_sample(patched, cfg=3.0, steps=2)
