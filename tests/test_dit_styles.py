@@ -138,6 +138,26 @@ def test_an_external_reference_is_the_in_batch_reference_run_alone(dit, node):
     assert not torch.equal(in_batch, dit_sample(dit, noise=noise)[1:])
 
 
+@pytest.mark.one_host  # the same pack code on both hosts; 20-step runs on every family
+def test_colour_calibration_and_nvqg_act(dit):
+    """Calibration acts in its window of 1000 * sigma (100 < t < 300 here: Lumina 2's shift 6 leaves no step of 20
+    in the default 100 < t < 150); negative visual query guidance runs the uncond branch itself, at cfg 1 and 3."""
+    (reference,) = run_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 16, HEIGHT, WIDTH)}, clip=None,
+                            prompt="", reference_seed=0, cache_megabytes=64, cache_on_cpu=False,
+                            conditioning=conditioning(dit, 2))
+    swapped = dit_sample(vsp(dit, layers="auto", reference=reference), batch=2, steps=20)
+    calibrated = vsp(dit, layers="auto", reference=reference, calibrate_colors=True, calibration_timestep=300,
+                     calibration_length=200)
+    assert not torch.equal(dit_sample(calibrated, batch=2, steps=20), swapped)
+    outside = vsp(dit, layers="auto", reference=reference, calibrate_colors=True, calibration_timestep=5,
+                  calibration_length=4)  # 1 < 1000 * sigma < 5: no step of a 20-step schedule
+    assert torch.equal(dit_sample(outside, batch=2, steps=20), swapped)
+    for cfg in (1.0, 3.0):
+        plain = dit_sample(vsp(dit, layers="auto", reference=reference), batch=2, steps=2, cfg=cfg)
+        guided = dit_sample(vsp(dit, layers="auto", reference=reference, nvqg_weight=1.0), batch=2, steps=2, cfg=cfg)
+        assert torch.isfinite(guided).all() and float((guided - plain).norm() / plain.norm()) > 1e-3
+
+
 def test_styles_chain_on_disjoint_blocks_and_overlap_is_refused_by_name(dit):
     chained = style_aligned(vsp(dit, layers="custom", custom_layers="double.1"), layers="custom",
                             custom_layers="double.0")
