@@ -20,7 +20,8 @@ def test_reference_latent_of_a_size_the_unet_cannot_take(sd15):
 
 
 def test_reference_latent_holding_several_images(sd15):
-    with pytest.raises(ValueError, match=r"latent: expected one image latent of shape \(1, C, H, W\), got \(2, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"latent: expected one image latent of shape \(1, C, H, W\) \(or \(1, C, 1, H, W\), "
+                                         r"Qwen-Image's\), got \(2, 4, 8, 8\)"):
         run_node("StyleReferenceLatent", latent={"samples": torch.zeros(2, 4, 8, 8)}, clip=sd15.clip, prompt="",
                  reference_seed=0, cache_megabytes=2048, cache_on_cpu=False)
 
