@@ -1,6 +1,7 @@
 """What the DiT families whose blocks ComfyUI lets a node replace share (Flux, Chroma, SD3, Qwen-Image):
 sites that are blocks, named kind.N ("double.3", "single.0"), each with one joint attention over
-[text | image | extra] rows, and one way to install a behaviour there.
+[text | image | extra] rows, and one way to install a behaviour there. Lumina 2 (lumina.py) shares
+all of it but the install (it has no block replacement).
 
 How a behaviour is installed, and why: a site is ComfyUI's block replacement
 patches_replace["dit"][(block key, i)]. The patch runs the model's own block (original_block) with a
@@ -29,7 +30,7 @@ from ...attention_patches.token_layout import LAYOUT_OPTION, UNET_LAYOUT, TokenG
 IMAGE_ONLY = "image_only"  # a block's second, image-only attention (SD3.5 Medium): site (kind, i, IMAGE_ONLY)
 LATE_BLOCKS = "late_blocks"
 ALL_BLOCKS = "all_blocks"
-# The presets of a family with one kind of block (SD3, Qwen-Image). late_blocks is VSP's default there,
+# The presets of a family with one kind of block (SD3, Qwen-Image, Lumina 2). late_blocks is VSP's default there,
 # as the VSP paper swaps in a UNet's late (decoder) self-attention, where style lives once the layout
 # is set; StyleAligned shares every self-attention, as on a UNet.
 DOUBLE_BLOCK_PRESETS = (LATE_BLOCKS, ALL_BLOCKS, CUSTOM)
