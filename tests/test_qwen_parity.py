@@ -9,13 +9,12 @@ import torch
 
 import comfy.sample
 import random_dits
-from helpers import relative_error, run_node, style_aligned, vsp
+from support.dit_parity import (SIZE, TOLERANCE, external_reference, oracle_reference, same_positions,
+                                sample)
+from helpers import relative_error, style_aligned, vsp
 from oracles.qwen_style import twin_sample, with_style_aligned, with_vsp
 from support.qwen_twin import twin_from_comfy
 
-TOLERANCE = 1e-4
-SIZE = 8
-REFERENCE_SEED = 3
 BLOCKS = [0, 1]
 # ComfyUI's Qwen-Image computes the same on 0.3.75 and 0.8.0 for one frame (checked by the twin test on both)
 pytestmark = pytest.mark.one_host
@@ -25,25 +24,6 @@ pytestmark = pytest.mark.one_host
 def qwen():
     model = random_dits.tiny_qwen_image(seed=4)
     return model, twin_from_comfy(model)
-
-
-def reference_latent():
-    return torch.randn(1, 16, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
-
-
-def external_reference():
-    (reference,) = run_node("StyleReferenceLatent", latent={"samples": reference_latent()}, clip=None, prompt="",
-                            reference_seed=REFERENCE_SEED, cache_megabytes=64, cache_on_cpu=False,
-                            conditioning=random_dits.qwen_conditioning(2))
-    return reference
-
-
-def same_positions(model, **kwargs):
-    (styled,) = run_node("StyleAlignedAttention", model=model, share_attention=True, adain_queries=True,
-                         adain_keys=True, adain_values=False, shared_score_scale=1.0, shared_score_shift=0.0,
-                         shared_group_norm="auto", layers="all_blocks", custom_layers="", start_percent=0.0,
-                         end_percent=1.0, reference_positions="same", **kwargs)
-    return styled
 
 
 METHODS = {
@@ -57,12 +37,6 @@ METHODS = {
 }
 
 
-def sample(model, noise, steps, cfg):
-    positive, negative = random_dits.qwen_conditioning(0), random_dits.qwen_conditioning(1)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, torch.zeros_like(noise),
-                               seed=1, disable_pbar=True)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("steps,cfg", [(1, 1.0), (4, 1.0), (4, 3.0)])
 @pytest.mark.parametrize("source", ["in_batch", "external"])
@@ -71,16 +45,12 @@ def test_qwen_image_node_matches_the_independent_implementation_on_diffusers(qwe
     node, oracle = METHODS[method]
     external = source == "external"
     noise = comfy.sample.prepare_noise(torch.zeros(2 if external else 3, 16, 1, SIZE, SIZE), 1)
-    styled = node(model, reference=external_reference()) if external else node(model)
-    actual = sample(styled, noise, steps, cfg)
-    reference = None
-    if external:
-        latent = reference_latent().unsqueeze(2)  # the frame axis the pack gives a 4-D latent on this model
-        reference = (model.model.process_latent_in(latent), comfy.sample.prepare_noise(latent, REFERENCE_SEED),
-                     random_dits.qwen_conditioning(2))
+    styled = node(model, reference=external_reference(random_dits.qwen_conditioning(2))) if external else node(model)
+    actual = sample(styled, noise, steps, cfg, random_dits.qwen_conditioning(0), random_dits.qwen_conditioning(1))
+    reference = oracle_reference(model, random_dits.qwen_conditioning(2), frames=True) if external else None
     expected = model.model.process_latent_out(twin_sample(twin, noise, steps, cfg, random_dits.qwen_conditioning(0),
                                                           random_dits.qwen_conditioning(1), oracle(twin),
                                                           reference=reference))
-    plain = sample(model, noise, steps, cfg)
+    plain = sample(model, noise, steps, cfg, random_dits.qwen_conditioning(0), random_dits.qwen_conditioning(1))
     assert relative_error(actual, expected) <= TOLERANCE
     assert relative_error(actual, plain) > 30 * TOLERANCE  # the style acts: parity is not plain against plain

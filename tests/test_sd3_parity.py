@@ -9,13 +9,11 @@ import torch
 
 import comfy.sample
 import random_dits
-from helpers import relative_error, run_node, style_aligned, vsp
+from support.dit_parity import SIZE, TOLERANCE, external_reference, oracle_reference, sample
+from helpers import relative_error, style_aligned, vsp
 from oracles.sd3_style import twin_sample, with_style_aligned, with_vsp
 from support.sd3_twin import twin_from_comfy
 
-TOLERANCE = 1e-4
-SIZE = 8
-REFERENCE_SEED = 3
 # ComfyUI's mmdit.py and SD3 detection are the same on 0.3.75 and 0.8.0 (checked by the twin test on both)
 pytestmark = pytest.mark.one_host
 
@@ -24,17 +22,6 @@ pytestmark = pytest.mark.one_host
 def sd3(request):
     model = {"sd3": random_dits.tiny_sd3, "sd35_medium": random_dits.tiny_sd35_medium}[request.param](seed=4)
     return model, twin_from_comfy(model)
-
-
-def reference_latent():
-    return torch.randn(1, 16, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
-
-
-def external_reference():
-    (reference,) = run_node("StyleReferenceLatent", latent={"samples": reference_latent()}, clip=None, prompt="",
-                            reference_seed=REFERENCE_SEED, cache_megabytes=64, cache_on_cpu=False,
-                            conditioning=random_dits.sd3_conditioning(2))
-    return reference
 
 
 def blocks(model):
@@ -52,12 +39,6 @@ METHODS = {
 }
 
 
-def sample(model, noise, steps, cfg):
-    positive, negative = random_dits.sd3_conditioning(0), random_dits.sd3_conditioning(1)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, torch.zeros_like(noise),
-                               seed=1, disable_pbar=True)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("steps,cfg", [(1, 1.0), (4, 1.0), (4, 3.0)])
 @pytest.mark.parametrize("source", ["in_batch", "external"])
@@ -66,16 +47,13 @@ def test_sd3_node_matches_the_independent_implementation_on_diffusers(sd3, metho
     node, oracle = METHODS[method]
     external = source == "external"
     noise = comfy.sample.prepare_noise(torch.zeros(2 if external else 3, 16, SIZE, SIZE), 1)
-    styled = node(model, reference=external_reference()) if external else node(model)
-    actual = sample(styled, noise, steps, cfg)
-    reference = None
-    if external:
-        reference = (model.model.process_latent_in(reference_latent()),
-                     comfy.sample.prepare_noise(reference_latent(), REFERENCE_SEED), random_dits.sd3_conditioning(2))
+    styled = node(model, reference=external_reference(random_dits.sd3_conditioning(2))) if external else node(model)
+    actual = sample(styled, noise, steps, cfg, random_dits.sd3_conditioning(0), random_dits.sd3_conditioning(1))
+    reference = oracle_reference(model, random_dits.sd3_conditioning(2)) if external else None
     expected = model.model.process_latent_out(twin_sample(twin, noise, steps, cfg, random_dits.sd3_conditioning(0),
                                                           random_dits.sd3_conditioning(1), oracle(model, twin),
                                                           reference=reference))
-    plain = sample(model, noise, steps, cfg)
+    plain = sample(model, noise, steps, cfg, random_dits.sd3_conditioning(0), random_dits.sd3_conditioning(1))
     assert relative_error(actual, expected) <= TOLERANCE
     # the style acts: parity is not plain against plain (measured 6e-3 to 3e-2 on these 8x8 latents)
     assert relative_error(actual, plain) > 30 * TOLERANCE
