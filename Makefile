@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/flux.py
 	$(PY) scripts/hosts.py run bench/sd3.py
 	$(PY) scripts/hosts.py run bench/qwen_image.py
+	$(PY) scripts/hosts.py run bench/lumina.py
 
 # on a GPU machine (no internet needed once `make setup` has run): the precision matrix on CUDA and every
 # bench/*.py --gpu, one report under gpu_report/ (scripts/gpu_check.py --help; ARGS="--dry-run" on a CPU)

@@ -69,6 +69,18 @@ def timed(job, repeats):
     return best
 
 
+def timed_in_turn(jobs: dict, repeats: int) -> dict:
+    """Best of repeats per job after one warm-up each, the jobs taking turns (plain, styled, ..., plain, styled, ...):
+    a slow spell of the machine then falls on every configuration alike rather than on whichever ran during it."""
+    for job in jobs.values():  # the warm-ups (loading, allocator, kernels, a cached reference's recording)
+        job()
+    times = dict.fromkeys(jobs, float("inf"))
+    for _ in range(repeats):
+        for label, job in jobs.items():
+            times[label] = min(times[label], timed(job, 0))
+    return times
+
+
 def timed_sample(model, positive, negative, latent, steps, repeats, cfg=7.0):
     noise = comfy.sample.prepare_noise(latent, 0)
     return timed(lambda: comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
@@ -136,7 +148,8 @@ def dit_sizes(gpu: dict, cpu: dict) -> dict:
 def dit_style_ratios(model, latent_shape, conditioning_of, steps, cfg, repeats, title):
     """VSP and StyleAligned (shared_score_scale 1.1) on every block of a DiT (layers all_blocks: the ratio is the
     per-block cost) against plain sampling of zeros of latent_shape, euler on the simple schedule at cfg, best of
-    repeats after a warm-up run (which also records the cached reference, a latent of one item's shape);
+    repeats after a warm-up run (which also records the cached reference, a latent of one item's shape), the
+    configurations taking turns (timed_in_turn);
     conditioning_of(batch, seed). Prints the table under title, the device added."""
     reference_shape, batch = (1, *latent_shape[1:]), latent_shape[0]
     # a budget that keeps every step's recording at --gpu sizes (Flux's: 3 sites x 20 steps x ~80 MB; 4096 MB did not)
@@ -146,10 +159,13 @@ def dit_style_ratios(model, latent_shape, conditioning_of, steps, cfg, repeats, 
     latent = torch.zeros(latent_shape)
     positive, negative = conditioning_of(batch, 1), conditioning_of(batch, 2)
     noise = comfy.sample.prepare_noise(latent, 0)
-    times = {label: timed(lambda m=m: comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", positive, negative,
-                                                         latent, disable_pbar=True, seed=0),
-                          repeats + (DRY_RUN and label.endswith(", cached")))  # a dry run replays the cache once too
-             for label, m in configurations.items()}
+    jobs = {label: (lambda m=m: comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", positive, negative, latent,
+                                                     disable_pbar=True, seed=0))
+            for label, m in configurations.items()}
+    if DRY_RUN:  # each once, a cached one twice (records, replays)
+        times = {label: timed(job, int(label.endswith(", cached"))) for label, job in jobs.items()}
+    else:
+        times = timed_in_turn(jobs, repeats)
     note = "dry run of --gpu, each run once, a cached one twice (records, replays): the times mean nothing" \
         if DRY_RUN else "cached runs replay the reference recorded by the warm-up run"
     print_table(f"{title}, {device_name()}; {note}", times, "plain")

@@ -36,7 +36,7 @@ def test_the_dry_run_writes_one_report_with_the_matrix_and_every_bench(tmp_path)
     assert len(report["benches"]) >= 7 and all(b["status"] == "ok" and b["arguments"] == ["--help"]
                                                for b in report["benches"]), report["benches"]
     helps = {b["script"]: b["output_tail"] for b in report["benches"]}
-    for dit in ("bench/flux.py", "bench/sd3.py", "bench/qwen_image.py"):  # their --gpu path, checkable on a CPU
+    for dit in ("bench/flux.py", "bench/sd3.py", "bench/qwen_image.py", "bench/lumina.py"):  # --gpu, checkable on a CPU
         assert "--dry-run" in helps[dit], helps[dit]
     text = (out / "report.md").read_text()
     for section in ("## Environment", "## Precision matrix", "## Benchmarks", "### bench/run.py --help"):
