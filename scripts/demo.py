@@ -25,9 +25,9 @@ from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 OUTPUT_DIR = REPO / "output"
 RANDOM_CHECKPOINT = REPO / ".comfyui" / "RANDOM-WEIGHTS-NOT-A-MODEL-sd15.safetensors"
 RANDOM_FASTSAM = "RANDOM-WEIGHTS-NOT-A-MODEL-FastSAM-s.pt"  # copied into models/fastsam when no FastSAM is there
-# Every example workflow for SD1.5: the SDXL, Flux, SD3.5 and Qwen-Image ones need their model files (run them
-# from the frontend).
-OTHER_MODELS = ("sdxl", "flux", "sd35", "qwen_image")
+# Every example workflow for SD1.5: the SDXL, Flux, SD3.5, Qwen-Image and Z-Image ones need their model files
+# (run them from the frontend).
+OTHER_MODELS = ("sdxl", "flux", "sd35", "qwen_image", "z_image")
 ALL_WORKFLOWS = sorted(path.name for path in (REPO / "example_workflows").glob("*.json")
                        if not any(name in path.stem for name in OTHER_MODELS))
 DEFAULT_WORKFLOWS = ["visual_style_prompting_in_batch.json", "style_aligned_prompts_sd15.json",

@@ -29,7 +29,7 @@ import folder_paths  # noqa: E402
 import nodes  # noqa: E402
 import random_dits  # noqa: E402
 import random_models  # noqa: E402
-from support.dit_workflow_models import tiny_qwen_image_models, tiny_sd35_models  # noqa: E402
+from support.dit_workflow_models import tiny_qwen_image_models, tiny_sd35_models, tiny_z_image_models  # noqa: E402
 from ui_workflow import schema_inputs, ui_to_api  # noqa: E402
 
 COMFYUI_VERSION = comfyui_version.__version__
@@ -147,6 +147,11 @@ def qwen_image_models():
     return tiny_qwen_image_models(seed=0)
 
 
+@pytest.fixture(scope="session")
+def z_image_models():
+    return tiny_z_image_models(seed=0)
+
+
 class RandomWeightCheckpoint:
     """Test stand-in for CheckpointLoaderSimple: the tiny random models of this session."""
 
@@ -154,7 +159,7 @@ class RandomWeightCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"architecture": (["sd15", "sdxl", "flux", "sd35", "qwen_image"],)}}
+        return {"required": {"architecture": (["sd15", "sdxl", "flux", "sd35", "qwen_image", "z_image"],)}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -248,9 +253,10 @@ def fastsam_models(random_fastsam, monkeypatch):
 
 
 @pytest.fixture
-def engine(tmp_path, sd15, sdxl, flux_models, sd35_models, qwen_image_models, loras_folder, fastsam_models):
+def engine(tmp_path, sd15, sdxl, flux_models, sd35_models, qwen_image_models, z_image_models, loras_folder,
+           fastsam_models):
     RandomWeightCheckpoint.MODELS = {"sd15": sd15, "sdxl": sdxl, "flux": flux_models, "sd35": sd35_models,
-                                     "qwen_image": qwen_image_models}
+                                     "qwen_image": qwen_image_models, "z_image": z_image_models}
     folder_paths.set_output_directory(str(tmp_path))
     return Engine(tmp_path)
 

@@ -66,7 +66,7 @@ def test_demo_runs_the_workflows_through_a_real_server_and_prints_the_images():
 
 def test_the_demo_offers_every_sd15_workflow_and_defaults_to_three():
     assert set(demo.DEFAULT_WORKFLOWS) < set(demo.ALL_WORKFLOWS)
-    other_models = ("sdxl", "flux", "sd35", "qwen_image")
+    other_models = ("sdxl", "flux", "sd35", "qwen_image", "z_image")
     assert not any(model in name for name in demo.ALL_WORKFLOWS for model in other_models)
     assert demo.ALL_WORKFLOWS == sorted(p.name for p in (REPO / "example_workflows").glob("*.json")
                                         if not any(model in p.name for model in other_models))

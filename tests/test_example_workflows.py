@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,21 +10,33 @@ import pytest
 import folder_paths
 from PIL import Image
 
-from conftest import REPO, Engine, load_workflow_as_api
+from conftest import REPO, Engine, load_workflow_as_api, pack_submodule
+from support.joint_blocks import lumina_reachable
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 STYLE_NODES = {"VisualStylePrompting", "StyleAlignedAttention", "FitStyleLoRA", "StyleInjection", "MaskedStyleBlend"}
 TEST_SIDE = 64  # LoadImage's images are scaled (center crop) to this side
-# A model's separate files (a Flux or Qwen-Image setup) load from conftest's stand-ins for these loaders.
+# A model's separate files (a Flux, Qwen-Image or Z-Image setup) load from conftest's stand-ins for these loaders.
 PART_LOADERS = ("UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader")
 # The tiny random models a workflow runs on, by a name in its file name (sd15 otherwise).
-ARCHITECTURES = ("sdxl", "flux", "sd35", "qwen_image")
+ARCHITECTURES = ("sdxl", "flux", "sd35", "qwen_image", "z_image")
 # In-batch workflows on DiTs: (architecture, KSampler's cfg, sampler and scheduler as the family is run).
 DIT_IN_BATCH_WORKFLOWS = {
     "flux_visual_style_prompting_in_batch": ("flux", (1.0, "euler", "simple")),
     "sd35_visual_style_prompting_in_batch": ("sd35", (4.5, "euler", "sgm_uniform")),
     "qwen_image_style_aligned_prompts": ("qwen_image", (2.5, "euler", "simple")),
+    "z_image_visual_style_prompting_in_batch": ("z_image", (1.0, "res_multistep", "simple")),
 }
+# The style nodes reach a Lumina 2 / Z-Image layer only where ComfyUI gives its attention calls a block index.
+NO_LUMINA = pytest.mark.skip(reason="this ComfyUI's Lumina 2 (Z-Image) gives its attention calls no block index: the "
+                                    "style nodes refuse the model (ComfyUI 0.8.0 runs this workflow)")
+
+
+def for_this_host(workflows) -> list:
+    """The workflows as test parameters named by their stem, a Z-Image one skipped where its layers are out of reach."""
+    return [pytest.param(workflow, id=Path(workflow).stem,
+                         marks=[NO_LUMINA] if "z_image" in Path(workflow).stem and not lumina_reachable() else [])
+            for workflow in workflows]
 
 
 def test_every_workflow_has_a_thumbnail():
@@ -88,7 +101,7 @@ def without_style(prompt: dict) -> dict:
         for name, value in node["inputs"].items():
             while isinstance(value, list) and value[0] in bypassed:  # a style node fed by another one
                 value = node["inputs"][name] = bypassed[value[0]]
-    references = ("StyleReferenceLatent", "StyleReferenceInversion")
+    references = ("StyleReferenceLatent", "StyleReferenceInversion", "CombineStyleReferences")
     for node in prompt.values():  # an edit without control: the target prompt sampled from the inverted latent
         if node["class_type"] == "PromptToPromptEdit":
             node["inputs"].update(tau_v=0.0, tau_c=0.0, tau_s=0.0, tau_u=0.0, blend_source_words="",
@@ -118,7 +131,7 @@ def pixels(engine, outputs):
     return np.stack([np.asarray(Image.open(path)) for path in images])
 
 
-@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+@pytest.mark.parametrize("workflow", for_this_host(WORKFLOWS))
 def test_workflow_executes_styles_and_leaves_the_model_clean(engine, workflow):
     architecture = next((name for name in ARCHITECTURES if name in workflow.stem), "sd15")
     prompt = without_heatmaps(for_test_models(load_workflow_as_api(workflow), architecture))
@@ -166,11 +179,11 @@ def test_the_edit_workflow_reconstructs_the_image_with_its_own_prompt(engine):
     assert np.abs(edited.astype(int) - reconstruction.astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("workflow", DIT_IN_BATCH_WORKFLOWS)
+@pytest.mark.parametrize("workflow", for_this_host(DIT_IN_BATCH_WORKFLOWS))
 def test_a_dit_workflow_styles_the_targets_from_batch_item_0(engine, workflow):
-    """On the tiny random Flux, SD3.5 Large or Qwen-Image (its checkpoint or its diffusion model, text encoder
-    and VAE loaded by the loaders' stand-ins, the text encoders ComfyUI's own classes): the reference (item 0)
-    is sampled as without the style, each target changes."""
+    """On the tiny random Flux, SD3.5 Large, Qwen-Image or Z-Image (its checkpoint or its diffusion model, text
+    encoder and VAE loaded by the loaders' stand-ins, the text encoders ComfyUI's own classes): the reference
+    (item 0) is sampled as without the style, each target changes."""
     architecture, sampler_settings = DIT_IN_BATCH_WORKFLOWS[workflow]
     prompt = for_test_models(load_workflow_as_api(REPO / "example_workflows" / f"{workflow}.json"), architecture)
     assert not {node["class_type"] for node in prompt.values()} & {*PART_LOADERS, "CheckpointLoaderSimple"}
@@ -183,3 +196,19 @@ def test_a_dit_workflow_styles_the_targets_from_batch_item_0(engine, workflow):
     assert styled.shape == (batch, TEST_SIDE, TEST_SIDE, 3)
     assert np.abs(styled[0].astype(int) - unstyled[0].astype(int)).max() <= 1
     assert all(not np.array_equal(styled[i], unstyled[i]) for i in range(1, len(styled)))
+
+
+@pytest.mark.parametrize("workflow", [name for name, (architecture, _) in DIT_IN_BATCH_WORKFLOWS.items()
+                                      if architecture in ("qwen_image", "z_image")])
+def test_the_prompts_of_a_text_encoder_without_padding_have_one_token_count(request, workflow):
+    """Qwen-Image's and Z-Image's text encoders give a prompt its own token count: Reference + Target Prompts would
+    repeat prompts of different counts to a common length, which a joint attention reads as a longer caption."""
+    architecture = DIT_IN_BATCH_WORKFLOWS[workflow][0]
+    clip = request.getfixturevalue(f"{architecture}_models").clip  # ComfyUI's tokenizer of the family
+    prompt = load_workflow_as_api(REPO / "example_workflows" / f"{workflow}.json")
+    (prompts,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "ReferenceTargetPrompts"]
+    compose = pack_submodule("nodes.batch_prompts").compose_prompt
+    lines = [prompts["reference_prompt"], *[line for line in prompts["target_prompts"].splitlines() if line.strip()]]
+    counts = {line: sum(len(chunk) for chunks in clip.tokenize(compose(line, prompts["style_description"])).values()
+                        for chunk in chunks) for line in lines}
+    assert len(set(counts.values())) == 1, counts

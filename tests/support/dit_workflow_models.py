@@ -1,6 +1,7 @@
-"""The files of an SD3.5 Large and a Qwen-Image setup, tiny and random, for the example workflows' test: the
-diffusion model of scripts/random_dits.py, a text encoder of ComfyUI's own classes with the real tokenizers
-(shrunk, random weights) and a VAE of the family's latent, built as ComfyUI builds them from the files.
+"""The files of an SD3.5 Large, a Qwen-Image and a Z-Image Turbo setup, tiny and random, for the example
+workflows' test: the diffusion model of scripts/random_dits.py, a text encoder of ComfyUI's own classes with the
+real tokenizers (shrunk, random weights) and a VAE of the family's latent, built as ComfyUI builds them from the
+files.
 
 - SD3.5 Large (sd3.5_large_fp8_scaled.safetensors, one checkpoint with its text encoders): ComfyUI's SD3
   text encoder (comfy.text_encoders.sd3_clip) with CLIP-L and CLIP-G, no T5. SD3ClipModel pads the CLIPs'
@@ -12,9 +13,13 @@ diffusion model of scripts/random_dits.py, a text encoder of ComfyUI's own class
   encoder (comfy.text_encoders.qwen_image: the chat template, the system prompt dropped from the output) on a
   Qwen2.5-VL language model of hidden TEXT_DIM (3584 on the real one), its vision tower (which only images in
   the prompt use, as Qwen-Image Edit's) shrunk to one narrow layer instead of 32 of width 1280.
-- VAEs: a KL autoencoder of 16 channels for SD3.5 (random_dits.tiny_flux_vae: SD3's VAE has Flux's shape) and
-  a Wan 2.1 VAE of width 8 for Qwen-Image (qwen_image_vae.safetensors is one, width 96), loaded from its
-  state dict as VAELoader loads the file: ComfyUI detects it and gives 5-D latents (batch, 16, frames, h, w).
+- Z-Image Turbo (CLIPLoader type lumina2, qwen_3_4b.safetensors): ComfyUI's Z-Image text encoder
+  (comfy.text_encoders.z_image: the Qwen3 tokenizer and chat template, no padding, the second-to-last hidden
+  layer) on a Qwen3-4B of hidden TEXT_DIM (2560 on the real one), the tiny Z-Image's caption width.
+- VAEs: a KL autoencoder of 16 channels for SD3.5 and Z-Image (random_dits.tiny_flux_vae: SD3's VAE and
+  Z-Image's ae.safetensors have Flux's shape) and a Wan 2.1 VAE of width 8 for Qwen-Image
+  (qwen_image_vae.safetensors is one, width 96), loaded from its state dict as VAELoader loads the file: ComfyUI
+  detects it and gives 5-D latents (batch, 16, frames, h, w).
 """
 
 from contextlib import contextmanager
@@ -27,6 +32,7 @@ import comfy.supported_models_base
 import comfy.text_encoders.qwen_image
 import comfy.text_encoders.qwen_vl
 import comfy.text_encoders.sd3_clip
+import comfy.text_encoders.z_image
 import random_dits
 from random_models import TINY_CLIP_TEXT_CONFIG, RandomModels, randomize_parameters
 
@@ -39,6 +45,9 @@ TINY_QWEN25_CONFIG = {"hidden_size": random_dits.TEXT_DIM, "intermediate_size": 
                       "num_attention_heads": 2, "num_key_value_heads": 1}
 TINY_QWEN_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 1}
 TINY_WAN_VAE_DIM = 8
+# Qwen3-4B, shrunk (the head width, 128, stays: a class attribute); 3 layers, as Z-Image reads the second-to-last
+TINY_QWEN3_CONFIG = {"hidden_size": random_dits.TEXT_DIM, "intermediate_size": 64, "num_hidden_layers": 3,
+                     "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 def tiny_sd35_large(seed: int = 0):
@@ -117,3 +126,22 @@ def tiny_qwen_image_models(seed: int = 0) -> RandomModels:
     """The three files of a Qwen-Image setup (diffusion model, text encoder, VAE), tiny and random."""
     return RandomModels(model=random_dits.tiny_qwen_image(seed), clip=tiny_qwen_image_clip(seed),
                         vae=tiny_wan21_vae(seed))
+
+
+def tiny_z_image_clip(seed: int = 0) -> comfy.sd.CLIP:
+    """Z-Image's text encoder as CLIPLoader builds it from qwen_3_4b.safetensors (ZImageTokenizer, z_image.te),
+    the language model TINY_QWEN3_CONFIG: a prompt encodes to (1, tokens, TEXT_DIM), its own token count (the
+    chat template around it, no padding)."""
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.z_image.ZImageTokenizer,
+                                                     comfy.text_encoders.z_image.te())
+    clip = comfy.sd.CLIP(target=target, model_options={"qwen3_4b_model_config": TINY_QWEN3_CONFIG,
+                                                        "dtype": torch.float32})
+    randomize_parameters(clip.cond_stage_model, seed + 1)
+    _unit_norms(clip.cond_stage_model)
+    return clip
+
+
+def tiny_z_image_models(seed: int = 0) -> RandomModels:
+    """The three files of a Z-Image Turbo setup (z_image_turbo_bf16, qwen_3_4b, ae), tiny and random."""
+    return RandomModels(model=random_dits.tiny_z_image(seed), clip=tiny_z_image_clip(seed),
+                        vae=random_dits.tiny_flux_vae(seed))
