@@ -45,6 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/hosts.py run bench/value_inversion.py
 	$(PY) scripts/hosts.py run bench/prompt_to_prompt.py
 	$(PY) scripts/hosts.py run bench/stylekeeper.py
+	$(PY) scripts/hosts.py run bench/reference_sets.py
 	$(PY) scripts/hosts.py run bench/flux.py
 	$(PY) scripts/hosts.py run bench/sd3.py
 	$(PY) scripts/hosts.py run bench/qwen_image.py

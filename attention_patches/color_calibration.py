@@ -19,8 +19,15 @@ def channel_calibrated(x0: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
     if reference.shape[1] != x0.shape[1]:
         raise ValueError(f"colour calibration: the reference latent has {reference.shape[1]} channels and the "
                          f"prediction {x0.shape[1]}")
+    reference = at_least_float32(reference)  # a no-op for float32
     dims = (-2, -1)
-    x, reference = at_least_float32(x0), at_least_float32(reference)  # no-ops for float32
+    return calibrated_to(x0, reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True))
+
+
+def calibrated_to(x0: torch.Tensor, reference_mean: torch.Tensor, reference_std: torch.Tensor) -> torch.Tensor:
+    """x0's channels normalised over space and given this mean and standard deviation ((1, channels, 1, 1)
+    each; several references: their mixture's, glue's ReferenceSet.channel_moments)."""
+    dims = (-2, -1)
+    x = at_least_float32(x0)
     mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
-    reference_mean, reference_std = reference.mean(dims, keepdim=True), reference.std(dims, keepdim=True)
     return ((x - mean) / (std + EPSILON) * reference_std + reference_mean).to(x0.dtype)

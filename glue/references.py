@@ -1,6 +1,6 @@
 """External style references, run alone at each step: a latent (e.g. a VAE-encoded image),
 forward-noised to each sigma under a fixed seed, or a DDIM inversion, at the latent its inversion
-reached there; each with what it is conditioned on."""
+reached there; each with what it is conditioned on. Several, with a weight each, make a ReferenceSet."""
 
 from dataclasses import dataclass
 
@@ -10,6 +10,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..attention_patches.feature_store import FeatureStore
+from ..attention_patches.reference_set import mixture
 from ..inversion.ddim import InversionTrajectory
 
 
@@ -87,3 +88,51 @@ class InversionReference(ExternalReference):
 
     def clean_latent(self, base_model) -> torch.Tensor:
         return self.trajectory.latents[0]  # the image's latent at sigma 0, in the model's space
+
+
+MAX_REFERENCES = 8  # each adds its keys to every styled attention and (uncached) one model call per step
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """Several external references with a weight each (> 0), in the order given: at each step each runs
+    alone (or replays its own cache), and the style layers read their recordings together
+    (attention_patches/reference_set.py says how weights act)."""
+
+    members: tuple[ExternalReference, ...]
+    weights: tuple[float, ...]
+
+    def new_cache(self) -> tuple[FeatureStore | None, ...]:
+        """One store per reference, each within its own node's budget."""
+        return tuple(member.new_cache() for member in self.members)
+
+    def channel_moments(self, base_model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Colour calibration's target: the mixture of the references' clean latents' per-channel
+        (mean, unbiased variance) over space, in proportions w_i / sum w."""
+        total = sum(self.weights)
+        components = []
+        for member in self.members:
+            latent = member.clean_latent(base_model).float()
+            components.append((latent.mean((-2, -1), keepdim=True), latent.var((-2, -1), keepdim=True)))
+        return mixture(components, tuple(w / total for w in self.weights))
+
+
+def combined(references: list[tuple[ExternalReference | ReferenceSet, float]]) -> ReferenceSet:
+    """One ReferenceSet of (reference or set, weight) pairs: a set's members join with their weights times
+    its weight, the same reference given twice counts once with the weights added (w copies of a reference's
+    keys and w' more are w + w'), weight-0 references are left out. Errors name the weights' inputs."""
+    merged: dict[int, list] = {}
+    for number, (reference, weight) in enumerate(references, start=1):
+        if not weight >= 0.0:
+            raise ValueError(f"weight_{number}: expected a weight of 0 or more, got {weight}")
+        pairs = zip(reference.members, reference.weights) if isinstance(reference, ReferenceSet) else [(reference, 1.0)]
+        for member, member_weight in pairs:
+            entry = merged.setdefault(id(member), [member, 0.0])
+            entry[1] += weight * member_weight
+    kept = [(member, weight) for member, weight in merged.values() if weight > 0.0]
+    if not kept:
+        raise ValueError("weights: every weight is 0; give at least one reference a weight above 0")
+    if len(kept) > MAX_REFERENCES:
+        raise ValueError(f"references: {len(kept)} different references, at most {MAX_REFERENCES} (each adds its "
+                         "keys to every styled attention and, past its cache, one model call per step)")
+    return ReferenceSet(tuple(member for member, _ in kept), tuple(weight for _, weight in kept))

@@ -13,7 +13,8 @@ from ..attention_patches.reference import ReferenceFeatureStore
 from ..attention_patches.sigma_range import SigmaRange
 from ..attention_patches.style_call import (BRANCH_OPTION, CALLS_OPTION, NEGATIVE_OPTION, NORM_SLOTS_OPTION,
                                            RECORDING_OPTION, ModelCallSlot, StyleCall, StyleOwner)
-from .references import ExternalReference
+from ..attention_patches.reference_set import mixed_recording
+from .references import ExternalReference, ReferenceSet
 
 WRAPPER_KEY_PREFIX = "style_attention_nodes.style_call."
 
@@ -24,16 +25,17 @@ class StyleCallWrapper:
     hands its layers (and its shared norms) a StyleCall.
 
     With an external reference it first runs the reference alone (every other style of this pack
-    off), recording its features, or takes them from the cache; then the targets replay them. The
+    off), recording its features, or takes them from the cache; then the targets replay them (a
+    ReferenceSet: each of its references so, their recordings read together, reference_set.py). The
     layers and the modules behind norm_call may act on different sigma ranges (plug-and-play injects
     attention and features for different parts of the schedule); the reference pass records both.
     """
 
     owner: StyleOwner
-    reference: ExternalReference | None
+    reference: ExternalReference | ReferenceSet | None
     active_range: SigmaRange
     norm_call: ModelCallSlot | None = None
-    cache: FeatureStore | None = None
+    cache: FeatureStore | tuple[FeatureStore | None, ...] | None = None  # a set's: one per reference
     slot_range: SigmaRange | None = None  # where norm_call's modules act, when not active_range
     with_timestep: bool = False  # StyleCalls carry the model timestep
     recorded: FeatureStore | None = None  # the reference's features recorded by another run: no pass here
@@ -79,20 +81,32 @@ class StyleCallWrapper:
         return timesteps[sigma]
 
     def _reference_features(self, executor, sigma, sigma_value: float, x, transformer_options) -> ReferenceFeatureStore:
-        base_model = executor.class_obj
+        """The step's reference features: one reference's recording, or a set's recordings mixed."""
         # the loaded weights, and which masked-blend branch's deltas act on them in this call
-        weights = (getattr(base_model, "current_weight_patches_uuid", None), transformer_options.get(BRANCH_OPTION))
+        weights = (getattr(executor.class_obj, "current_weight_patches_uuid", None), transformer_options.get(BRANCH_OPTION))
         step = (sigma_value, weights, x.device)
         memory = self.memory
-        if memory.step is not None and memory.step == step:
-            return ReferenceFeatureStore(recording=False, features=memory.features)
-        if self.cache is not None:
-            cached = self.cache.get(sigma_value, x.device, tag=weights)
+        if memory.step is None or memory.step != step:
+            if isinstance(self.reference, ReferenceSet):
+                recordings = [self._recording(executor, member, cache, sigma, sigma_value, x, transformer_options, weights)
+                              for member, cache in zip(self.reference.members, self.cache)]
+                features = mixed_recording(recordings, self.reference.weights)
+            else:
+                features = self._recording(executor, self.reference, self.cache, sigma, sigma_value, x,
+                                           transformer_options, weights)
+            memory.step, memory.features = step, features
+        return ReferenceFeatureStore(recording=False, features=memory.features)
+
+    def _recording(self, executor, reference: ExternalReference, cache: FeatureStore | None, sigma, sigma_value: float,
+                   x, transformer_options, weights) -> dict:
+        """One reference's features at this step: from its cache, or recorded by a pass of its own (then kept)."""
+        if cache is not None:
+            cached = cache.get(sigma_value, x.device, tag=weights)
             if cached is not None:
-                memory.step, memory.features = step, cached
-                return ReferenceFeatureStore(recording=False, features=cached)
-        reference_x = self.reference.state_at(base_model, sigma.cpu()).to(x)
-        inputs = self.reference.model_inputs(base_model, reference_x)
+                return cached
+        base_model = executor.class_obj
+        reference_x = reference.state_at(base_model, sigma.cpu()).to(x)
+        inputs = reference.model_inputs(base_model, reference_x)
         options = {**transformer_options, "cond_or_uncond": [0], "sigmas": sigma}
         # shared norms of other nodes, filled by wrappers outside this one, are off during the pass
         others = transformer_options.get(NORM_SLOTS_OPTION, ())
@@ -107,10 +121,9 @@ class StyleCallWrapper:
         finally:
             for slot, current in zip(others, saved):
                 slot.current = current
-        if self.cache is not None:
-            self.cache.put(sigma_value, store.features, tag=weights)
-        memory.step, memory.features = step, store.features
-        return store.replay()
+        if cache is not None:
+            cache.put(sigma_value, store.features, tag=weights)
+        return store.features
 
 
 def recording_pass(executor, owner: StyleOwner, slot: ModelCallSlot | None, timestep: float | None, x, t, c_concat,
@@ -130,7 +143,8 @@ def recording_pass(executor, owner: StyleOwner, slot: ModelCallSlot | None, time
     return out, store
 
 
-def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner, reference: ExternalReference | None,
+def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwner,
+                       reference: ExternalReference | ReferenceSet | None,
                        active_range: SigmaRange, norm_call: ModelCallSlot | None = None,
                        slot_range: SigmaRange | None = None, with_timestep: bool = False,
                        recorded: FeatureStore | None = None, tokens=None) -> None:
@@ -142,8 +156,10 @@ def install_style_call(model: comfy.model_patcher.ModelPatcher, owner: StyleOwne
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
     if reference is not None:
         model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, key, ForgetStep(wrapper.memory))
-    if cache is not None:
-        model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, key, ClearOnUnload(cache))
+    stores = {key: cache} if not isinstance(cache, tuple) else {f"{key}.{n}": store for n, store in enumerate(cache)}
+    for store_key, store in stores.items():
+        if store is not None:
+            model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_DETACH, store_key, ClearOnUnload(store))
 
 
 @dataclass(eq=False)

@@ -11,6 +11,7 @@ from .fit_style_lora import FitStyleLoRA
 from .masked_style_blend import MaskedStyleBlend
 from .prompt_to_prompt import PromptToPromptEdit
 from .reference import StyleReferenceInversion, StyleReferenceLatent
+from .reference_set import CombineStyleReferences
 from .style_aligned import StyleAlignedAttention
 from .style_injection import StyleInjection
 from .stylediffusion import LoadStyleInversion, PromptEmbeddingInversion, SaveStyleInversion
@@ -21,6 +22,7 @@ NODES = [
     StyleAlignedAttention,
     StyleReferenceLatent,
     StyleReferenceInversion,
+    CombineStyleReferences,
     ReferenceTargetPrompts,
     DDIMInversion,
     SaveInversion,

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..attention_patches.layers import PRESETS
 from ..attention_patches.style_call import StyleOwner
-from ..glue.references import ExternalReference
+from ..glue.references import ExternalReference, ReferenceSet
 from ..glue.site_patches import LayerConflictError, install_styled_attention  # noqa: F401 (the nodes' error, their install)
 from .io_types import StyleReference
 
@@ -41,8 +41,8 @@ def reference_input():
     return StyleReference.Input(
         "reference",
         optional=True,
-        tooltip="An external reference (Style Reference node). Unconnected: latent batch item 0 is the "
-        "reference and the other items are styled after it.",
+        tooltip="An external reference (Style Reference node; several with weights: Combine Style References). "
+        "Unconnected: latent batch item 0 is the reference and the other items are styled after it.",
     )
 
 
@@ -50,13 +50,16 @@ def new_owner(node_id: str) -> StyleOwner:
     return StyleOwner(node_id, uuid.uuid4().hex)
 
 
-def validate_reference(reference: ExternalReference, model: comfy.model_patcher.ModelPatcher, adapter,
+def validate_reference(reference: ExternalReference | ReferenceSet, model: comfy.model_patcher.ModelPatcher, adapter,
                        input_name: str) -> None:
-    shape = reference.latent_shape()
-    channels = model.get_model_object("latent_format").latent_channels
-    if shape[1] != channels:
-        raise ValueError(
-            f"{input_name}: the reference latent has {shape[1]} channels but this model's latents "
-            f"have {channels}; encode the reference image with this model's VAE"
-        )
-    adapter.check_latent_size(*shape[-2:], input_name, "the reference latent is ")
+    members = reference.members if isinstance(reference, ReferenceSet) else (reference,)
+    for number, member in enumerate(members, start=1):
+        which = f"the set's reference {number}" if len(members) > 1 else "the reference"
+        shape = member.latent_shape()
+        channels = model.get_model_object("latent_format").latent_channels
+        if shape[1] != channels:
+            raise ValueError(
+                f"{input_name}: {which} latent has {shape[1]} channels but this model's latents "
+                f"have {channels}; encode the reference image with this model's VAE"
+            )
+        adapter.check_latent_size(*shape[-2:], input_name, f"{which} latent is ")

@@ -9,6 +9,7 @@ from ..attention_patches.query_swap import QuerySwap
 from ..glue.architectures import ADAPTERS, AUTO, LAYER_CHOICES, adapter_for, resolve_layers
 from ..glue.color_calibration import install_color_calibration
 from ..glue.negative_query_guidance import install_negative_query_guidance
+from ..glue.references import ReferenceSet
 from ..glue.schedule import active_sigma_range
 from ..glue.style_call import install_style_call
 from .style_inputs import (install_styled_attention, layer_inputs, new_owner, reference_input, schedule_inputs,
@@ -92,6 +93,9 @@ class VisualStylePrompting(io.ComfyNode):
         active_range = active_sigma_range(model, start_percent, end_percent)
         if reference is not None:
             validate_reference(reference, model, adapter, "reference")
+        if nvqg_weight > 0 and isinstance(reference, ReferenceSet):
+            raise ValueError("nvqg_weight: negative visual query guidance swaps in one reference's queries; with "
+                             "several references (Combine Style References) set it to 0")
         if calibrate_colors and reference is None:
             raise ValueError("calibrate_colors: needs a reference image (connect a Style Reference (Latent) or "
                              "(Inversion) to reference); an in-batch reference has no image to take colours from")

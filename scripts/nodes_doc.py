@@ -25,6 +25,7 @@ PAPERS = {
     "visual_style_prompting": "Visual Style Prompting with Swapping Self-Attention (Jeong et al. 2024)",
     "style_aligned": "Style Aligned Image Generation via Shared Attention (Hertz et al. 2024)",
     "reference": "the reference-image modes of Visual Style Prompting and StyleAligned",
+    "reference_set": "several weighted style references for Visual Style Prompting and StyleAligned, mixed inside attention",
     "batch_prompts": "StyleAligned's prompt batches (a reference prompt and targets sharing a style description)",
     "ddim_inversion": "DDIM inversion (Song et al. 2021), the real-image entry of StyleAligned and VSP",
     "attention_maps": "Visual Style Prompting's attention-map visualisation, for every method",
