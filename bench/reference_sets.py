@@ -7,7 +7,7 @@ of plain sampling) is printed for each method. Full-size SD1.5 with random weigh
 no longer special: every item is a target of the external references); the configurations take turns
 (bench/run.py's timed_in_turn).
 
-    make bench                           # CPU: SD1.5 at 256x256 (32x32 latents), 3 steps
+    make bench                           # CPU: SD1.5 at 256x256 (32x32 latents), 2 steps
     python bench/reference_sets.py --gpu # SD1.5 at 512x512 and SDXL at 1024x1024, 20 steps
 """
 
@@ -67,7 +67,7 @@ def main():
         measure("sdxl", 1024, 20, repeats)
 
     def cpu(repeats):
-        measure("sd15", 256, 3, repeats)
+        measure("sd15", 256, 2, repeats)
 
     bench.bench_main(__doc__, gpu, cpu)
 
