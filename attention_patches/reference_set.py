@@ -7,6 +7,7 @@ twice with weights a and b is that reference once with weight a + b. Statistics 
 shared GroupNorm) are the mixture's: with p_i = w_i / sum w, the mean is sum p_i mu_i and the variance
 sum p_i (sigma_i^2 + (mu_i - mu)^2), each reference's own variance as the method computes it for one
 (the mixture of the references' per-channel distributions, not a mean of their standard deviations).
+A shared GroupNorm pools the targets with w_i copies of each reference's positions.
 """
 
 import math
@@ -78,24 +79,25 @@ def moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, (features - mean).square().sum(dim=1, keepdim=True) / (features.shape[1] - 1)
 
 
-def mixed_group_moments(members: list[GroupMoments], proportions: tuple[float, ...]) -> GroupMoments:
+def mixed_group_moments(members: list[GroupMoments], weights: tuple[float, ...]) -> GroupMoments:
     """A shared GroupNorm's reference statistics for a set: the mixture's per-group mean and (biased)
-    variance, counted as the proportion-weighted count of positions."""
-    mean, variance = mixture([(m.mean, m.variance) for m in members], proportions)
-    count = sum(p * m.count.double() for p, m in zip(proportions, members)).to(members[0].count.dtype)
+    variance in proportions w_i / sum w, pooled with the targets as w_i copies of each reference's
+    positions (count sum w_i n_i: weights 1 each count every reference in full, as in attention)."""
+    total = sum(weights)
+    mean, variance = mixture([(m.mean, m.variance) for m in members], tuple(w / total for w in weights))
+    count = sum(w * m.count.double() for w, m in zip(weights, members)).to(members[0].count.dtype)
     return GroupMoments(count, mean, variance)
 
 
 def mixed_recording(recordings: list[dict], weights: tuple[float, ...]) -> dict:
     """What the targets' pass reads at each site from the references' own recordings at one step."""
-    proportions = tuple(w / sum(weights) for w in weights)
     mixed = {}
     for site, first in recordings[0].items():
         members = [recording[site] for recording in recordings]
         if isinstance(first, ReferenceFeatures):
             mixed[site] = WeightedReferences(tuple(members), weights)
         elif isinstance(first, GroupMoments):
-            mixed[site] = mixed_group_moments(members, proportions)
+            mixed[site] = mixed_group_moments(members, weights)
         else:
             raise StyleReferenceError(f"several references: nothing mixes what was recorded at {site} "
                                       f"({type(first).__name__})")
