@@ -77,7 +77,8 @@ def self_attention_heat(maps: list[LayerMaps], x: float, y: float, size: tuple[i
         if row.shape[-1] != len(sources) * height * width:
             raise AttentionMapError(
                 f"the keys ({row.shape[-1]}) are not {len(sources)} block(s) of the image's {height}x{width} "
-                "positions: a reference of another size than the images cannot be drawn"
+                "positions: a reference of another size than the images, or several references (Combine Style "
+                "References), cannot be drawn"
             )
         for heats, block in zip(per_source, row.reshape(row.shape[0], len(sources), height, width).unbind(1)):
             heats.append(resized(block, size))
