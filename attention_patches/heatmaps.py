@@ -77,8 +77,7 @@ def self_attention_heat(maps: list[LayerMaps], x: float, y: float, size: tuple[i
         if row.shape[-1] != len(sources) * height * width:
             raise AttentionMapError(
                 f"the keys ({row.shape[-1]}) are not {len(sources)} block(s) of the image's {height}x{width} "
-                "positions: a reference of another size than the images, or several references (Combine Style "
-                "References), cannot be drawn"
+                "positions: a reference of another size than the images cannot be drawn"
             )
         for heats, block in zip(per_source, row.reshape(row.shape[0], len(sources), height, width).unbind(1)):
             heats.append(resized(block, size))
@@ -124,22 +123,27 @@ def draw_self_attention(maps: list[LayerMaps], images: torch.Tensor, x: float, y
     one panel per block of keys over what those keys are (the image itself, or the reference)."""
     targets = captured_images(maps, images)
     size = tuple(targets.shape[1:3])
-    backgrounds = {"self": targets, "reference": reference_background(maps, images, reference_image, size)}
     heats = self_attention_heat(maps, x, y, size)
     panels = [mark_point(targets, x, y)]
-    panels += [overlay(backgrounds[source], heat, opacity) for source, heat in zip(maps[0].key_sources, heats)]
+    for source, heat in zip(maps[0].key_sources, heats):
+        if source == "self":
+            background = targets
+        else:  # "reference", or "reference N" of a set of several (Combine Style References)
+            number = int(source.removeprefix("reference").strip() or 1)
+            background = reference_background(maps, images, reference_image, size, number - 1)
+        panels.append(overlay(background, heat, opacity))
     return torch.cat(panels, dim=2)
 
 
 def reference_background(maps: list[LayerMaps], images: torch.Tensor, reference_image: torch.Tensor | None,
-                         size: tuple[int, int]) -> torch.Tensor:
-    """The reference under its keys' panel: batch item 0 for an in-batch reference, else reference_image
-    resized to the images' size, else black."""
+                         size: tuple[int, int], index: int = 0) -> torch.Tensor:
+    """The reference under its keys' panel: batch item 0 for an in-batch reference, else item index of
+    reference_image (a set's references in its order) resized to the images' size, else black."""
     count = maps[0].total.shape[0]
     if maps[0].first_image == 1:
         reference = images[:1]
-    elif reference_image is not None:
-        reference = reference_image[:1]
+    elif reference_image is not None and index < reference_image.shape[0]:
+        reference = reference_image[index:index + 1]
     else:
         return torch.zeros(count, *size, 3)
     reference = resized(reference.float().movedim(-1, 1).flatten(0, 1), size).reshape(1, 3, *size).movedim(1, -1)

@@ -54,6 +54,15 @@ class WeightedReferences:
         return torch.cat([*pieces, torch.zeros(after, device=device)])
 
 
+def split_key_sources(key_sources: tuple[str, ...], reference) -> tuple[str, ...]:
+    """A method's key_sources (attention maps' blocks of keys) with "reference" split into "reference 1",
+    "reference 2", ... where the reference is a set of several (its keys are theirs, one after another)."""
+    if not isinstance(reference, WeightedReferences) or len(reference.members) == 1:
+        return key_sources
+    numbered = tuple(f"reference {number}" for number in range(1, len(reference.members) + 1))
+    return tuple(name for source in key_sources for name in (numbered if source == "reference" else (source,)))
+
+
 def as_weighted(reference) -> WeightedReferences:
     """One reference's features as a set of one, weight 1 (a set stays as it is)."""
     return reference if isinstance(reference, WeightedReferences) else WeightedReferences((reference,), (1.0,))

@@ -9,6 +9,7 @@ import torch
 from .attention import AttentionFunction, for_call
 from .attention_maps import with_capture
 from .reference import ReferenceFeatures, batch_chunks, in_batch_references
+from .reference_set import split_key_sources
 from .style_call import StyleCall, StyleOwner, style_call
 from .token_layout import LAYOUT_OPTION, UNET_LAYOUT, TokenLayout
 
@@ -124,10 +125,10 @@ class StyledAttention:
                 layout: TokenLayout):
         """method on every chunk of the call: the reference from the call's recording, or in-batch."""
         if call.store is not None:
-            attention = with_capture(kernel, self.site, extra_options, method.key_sources, query.shape[0],
-                                     call.cond_or_uncond)
-            return method(query, key, value, call.store.get(self.store_key), heads, attention, precision, call.timestep,
-                          layout=layout)
+            reference = call.store.get(self.store_key)
+            attention = with_capture(kernel, self.site, extra_options, split_key_sources(method.key_sources, reference),
+                                     query.shape[0], call.cond_or_uncond)
+            return method(query, key, value, reference, heads, attention, precision, call.timestep, layout=layout)
         outputs = []
         for (ref, targets), kind in zip(in_batch_references(query.shape[0], call.cond_or_uncond), call.cond_or_uncond):
             reference = layout.reference_of(query[ref], key[ref], value[ref])

@@ -158,7 +158,8 @@ class AttentionMapHeatmap(io.ComfyNode):
             category="style_attention",
             description="Draws captured attention maps over the images (blue low, red high), averaged over the "
             "chosen layers. Cross-attention: one panel per image. Self-attention: the image with the query point "
-            "marked, then where that point looks, one panel per block of keys (its own image, the reference).",
+            "marked, then where that point looks, one panel per block of keys (its own image, the reference; each reference of a set, on one scale, so the "
+            "mix shows).",
             inputs=[
                 AttentionMaps.Input("attention_maps", tooltip="From Capture Attention Maps, after sampling."),
                 io.Image.Input("images", tooltip="The decoded images of that sampling run (the whole batch)."),
@@ -177,7 +178,8 @@ class AttentionMapHeatmap(io.ComfyNode):
                                tooltip="How strongly the heat colours cover the image."),
                 io.Image.Input("reference_image", optional=True,
                                tooltip="Self-attention with an external style reference: its decoded image, drawn "
-                               "under the reference's panel (black without it)."),
+                               "under the reference's panel (black without it). Several references (Combine Style "
+                               "References): a batch of their images in the set's order, one panel each."),
             ],
             outputs=[io.Image.Output()],
         )

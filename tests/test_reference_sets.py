@@ -196,9 +196,9 @@ def test_colour_calibration_gives_the_prediction_the_mixtures_channel_moments(sd
     assert torch.equal(outside, denoised)
 
 
-def test_attention_maps_of_a_set_are_distributions_over_every_references_keys_and_not_drawn(sd15):
-    """The captured maps take the log-weight shifts (rows sum to 1 over both references' keys); the heatmap,
-    which draws one panel per block of the image's size, refuses a set's keys by name."""
+def test_attention_maps_of_a_set_show_each_reference_as_a_block_of_its_own(sd15):
+    """The captured maps take the log-weight shifts (rows sum to 1 over both references' keys), in one block
+    per reference; the heatmap draws a panel per reference on one scale, over the set's images in order."""
     first, second = two_references(sd15)
     styled = vsp(sd15.model, reference=combine((first, 0.2), (second, 1.0)), layers="custom", custom_layers="output.3.0")
     (captured, maps) = run_node("CaptureAttentionMaps", model=styled, attention="self_attention", layers="custom",
@@ -206,10 +206,13 @@ def test_attention_maps_of_a_set_are_distributions_over_every_references_keys_an
     sample(captured, encode(sd15.clip, "a dog"), encode(sd15.clip, ""), batch=2, steps=2, cfg=1.0)
     (layer,) = maps.layers.values()
     tokens = layer.query_grid[0] * layer.query_grid[1]
-    assert layer.total.shape == (2, tokens, 2 * tokens) and layer.key_sources == ("reference",)
+    assert layer.total.shape == (2, tokens, 2 * tokens) and layer.key_sources == ("reference 1", "reference 2")
     torch.testing.assert_close(layer.mean.sum(-1), torch.ones(2, tokens), rtol=0, atol=1e-5)
     mass = layer.mean.sum(1).reshape(2, 2, tokens).sum(-1) / tokens  # (images, reference): the share of each
     assert (mass[:, 0] < mass[:, 1]).all()  # weight 0.2 against 1.0 (same latent size, random content)
-    with pytest.raises(Exception, match="several references \\(Combine Style References\\), cannot be drawn"):
-        run_node("AttentionMapHeatmap", attention_maps=maps, images=torch.zeros(2, 64, 64, 3), layers="", tokens="1",
-                 query_x=0.5, query_y=0.5, opacity=0.6, reference_image=None)
+    backgrounds = torch.stack([torch.full((64, 64, 3), 0.25), torch.full((64, 64, 3), 0.75)])
+    (drawn,) = run_node("AttentionMapHeatmap", attention_maps=maps, images=torch.zeros(2, 64, 64, 3), layers="",
+                        tokens="1", query_x=0.5, query_y=0.5, opacity=0.0, reference_image=backgrounds)
+    assert drawn.shape == (2, 64, 3 * 64, 3)  # the marked image, then reference 1's panel, then reference 2's
+    torch.testing.assert_close(drawn[:, :, 64:128], torch.full((2, 64, 64, 3), 0.25))  # opacity 0: the backgrounds
+    torch.testing.assert_close(drawn[:, :, 128:], torch.full((2, 64, 64, 3), 0.75))
