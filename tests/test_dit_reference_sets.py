@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import random_dits
-from helpers import LAYOUTS, run_node, vsp
+from helpers import LAYOUTS, relative_error, run_node, vsp
+from support import joint_blocks
 from support.flux import (HEIGHT, TEXT_TOKENS, WIDTH, attention_output, conditioning, flux_sample, image_positions,
                           post_rope, pre_rope, with_rope)
 
@@ -126,3 +127,46 @@ def test_style_aligned_with_two_weighted_references_at_a_flux_block(flux, layout
             v = torch.cat([call["v"][row], shared_v], 1)
             expected = biased_attention(q, k, v, reference_bias(references, call["k"].shape[2]))
             assert (output[row].double() - expected).abs().max() <= TOLERANCE * expected.abs().max()
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd35_medium", "qwen_image", "z_image"])
+def dit(request):
+    if request.param == "z_image" and not joint_blocks.lumina_reachable():
+        pytest.skip("this ComfyUI's Lumina 2 / Z-Image gives its attention calls no block index (0.8.0 does)")
+    return joint_blocks.tiny(request.param)
+
+
+def dit_reference(model, seed, width=joint_blocks.WIDTH):
+    shape = (1, 16, 1, joint_blocks.HEIGHT, width) if joint_blocks.is_qwen(model) else (1, 16, joint_blocks.HEIGHT, width)
+    (reference,) = run_node("StyleReferenceLatent", latent={"samples": torch.randn(shape, generator=torch.Generator().manual_seed(seed))},
+                            clip=None, prompt="", reference_seed=seed, cache_megabytes=64, cache_on_cpu=False,
+                            conditioning=joint_blocks.conditioning(model, seed))
+    return reference
+
+
+@pytest.mark.parametrize("node", ["vsp", "style_aligned"])
+def test_on_sd3_qwen_image_and_z_image_two_copies_of_a_reference_act_as_it_once(dit, node):
+    """Softmax over a key there twice with shifts log 0.25 and log 0.75 is softmax over it once (and the mixture of
+    two equal distributions is that distribution): the set equals the single-reference node; a set of two different
+    references (the second wider) does not."""
+    def styled(reference):
+        if node == "vsp":
+            return vsp(dit, reference, layers="all_blocks")
+        (model,) = run_node("StyleAlignedAttention", model=dit, share_attention=True, adain_queries=True, adain_keys=True,
+                            adain_values=False, shared_score_scale=1.1, shared_score_shift=0.0, shared_group_norm="auto",
+                            layers="all_blocks", custom_layers="", start_percent=0.0, end_percent=1.0,
+                            reference=reference, reference_positions="beside")
+        return model
+
+    def combined(*pairs):
+        inputs = {f"{name}_{number}": value for number, pair in enumerate(pairs, start=1)
+                  for name, value in zip(("reference", "weight"), pair)}
+        return run_node("CombineStyleReferences", **inputs)[0]
+
+    one, copy = dit_reference(dit, 3), dit_reference(dit, 3)  # the same reference from two nodes
+    alone = joint_blocks.dit_sample(styled(one), batch=2, steps=2, cfg=3.0)
+    twice = joint_blocks.dit_sample(styled(combined((one, 0.25), (copy, 0.75))), batch=2, steps=2, cfg=3.0)
+    assert relative_error(twice, alone) < 1e-5
+    mixed = joint_blocks.dit_sample(styled(combined((one, 0.5), (dit_reference(dit, 4, joint_blocks.WIDTH + 4), 0.5))),
+                                    batch=2, steps=2, cfg=3.0)
+    assert relative_error(mixed, alone) > 1e-3
