@@ -170,3 +170,26 @@ def test_on_sd3_qwen_image_and_z_image_two_copies_of_a_reference_act_as_it_once(
     mixed = joint_blocks.dit_sample(styled(combined((one, 0.5), (dit_reference(dit, 4, joint_blocks.WIDTH + 4), 0.5))),
                                     batch=2, steps=2, cfg=3.0)
     assert relative_error(mixed, alone) > 1e-3
+
+
+@pytest.mark.parametrize("node", ["vsp", "style_aligned"])
+def test_one_flux_reference_of_weight_one_is_the_single_reference_node_bit_for_bit(flux, node):
+    (reference,) = run_node("StyleReferenceLatent", latent={"samples": torch.randn(1, 16, HEIGHT, WIDTH)}, clip=None,
+                            prompt="", reference_seed=0, cache_megabytes=64, cache_on_cpu=False,
+                            conditioning=conditioning(2))
+    (references,) = run_node("CombineStyleReferences", reference_1=reference, weight_1=1.0, reference_2=reference,
+                             weight_2=0.0)
+    assert references.members == (reference,) and references.weights == (1.0,)
+
+    def styled(given):
+        if node == "vsp":
+            return vsp(flux, given, layers="all_blocks")
+        (model,) = run_node("StyleAlignedAttention", model=flux, share_attention=True, adain_queries=True, adain_keys=True,
+                            adain_values=True, shared_score_scale=1.1, shared_score_shift=0.5, shared_group_norm="auto",
+                            layers="auto", custom_layers="", start_percent=0.0, end_percent=1.0, reference=given,
+                            reference_positions="beside")
+        return model
+
+    alone = flux_sample(styled(reference), batch=2, cfg=3.0, steps=2)
+    assert torch.equal(flux_sample(styled(references), batch=2, cfg=3.0, steps=2), alone)
+    assert not torch.equal(flux_sample(flux, batch=2, cfg=3.0, steps=2), alone)
