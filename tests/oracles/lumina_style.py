@@ -137,7 +137,7 @@ def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     return torch.tensor([float(table[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
 
 
-def twin_sample(twin, noise, steps, cfg, positive, negative, install, shift, reference=None):
+def twin_sample(twin, noise, steps, cfg, positive, negative, install, shift, reference=None, references=None):
     """ComfyUI's euler on the simple schedule (an empty latent: sigma_max 1, so x starts as the noise), written out
     with the twin as the model; -> the final latent in the model's space, (B, 16, H, W)
     (model.model.process_latent_out gives what comfy.sample.sample returns).
@@ -147,7 +147,8 @@ def twin_sample(twin, noise, steps, cfg, positive, negative, install, shift, ref
     context manager (e.g. lambda **kw: with_vsp(twin, [0, 1], **kw)); it gets chunks= (in-batch) or reference=
     (external). reference: None (in-batch) or (clean latent in the model's space (1, 16, h, w), its noise, its
     conditioning): each step records that latent at sigma (sigma noise + (1 - sigma) clean) alone with that
-    conditioning, then every chunk of the targets replays it."""
+    conditioning, then every chunk of the targets replays it. references: a list of such triples instead, each
+    recorded by its own pass in order; install then gets references= (their recordings, a list)."""
     branches = [positive[0]] + ([negative[0]] if cfg != 1.0 else [])
     if len({c.shape[1] for c, _ in branches}) > 1:  # ComfyUI would repeat one to the lcm, or run them apart
         raise ValueError("give cond and uncond prompts of one length: they are batched as they are")
@@ -162,6 +163,10 @@ def twin_sample(twin, noise, steps, cfg, positive, negative, install, shift, ref
             ref_x = sigma * ref_noise + (1 - sigma) * clean
             kwargs = {"reference": record_reference(twin, range(len(twin.layers)),
                                                     lambda: twin_denoise(twin, ref_x, sigma, ref_context))}
+        elif references is not None:
+            kwargs = {"references": [record_reference(twin, range(len(twin.layers)), lambda: twin_denoise(
+                twin, sigma * ref_noise + (1 - sigma) * clean, sigma, ref_context))
+                for clean, ref_noise, ((ref_context, _),) in references]}
         rows = x.repeat(len(branches), *[1] * (x.ndim - 1))
         with install(**kwargs):
             velocity = twin_denoise(twin, rows, sigma, context)

@@ -115,7 +115,7 @@ def sd3_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     return torch.tensor([float(table[-(1 + int(i * stride))]) for i in range(steps)] + [0.0])
 
 
-def twin_sample(twin, noise, steps, cfg, positive, negative, install, reference=None, shift=3.0):
+def twin_sample(twin, noise, steps, cfg, positive, negative, install, reference=None, shift=3.0, references=None):
     """ComfyUI's euler on the simple schedule (an empty latent: sigma_max 1, so x starts as the noise), written
     out with the twin as the model; -> the final latent in the model's space (model.model.process_latent_out
     gives what comfy.sample.sample returns).
@@ -125,7 +125,8 @@ def twin_sample(twin, noise, steps, cfg, positive, negative, install, reference=
     install(**kwargs) -> a context manager (e.g. lambda **kw: with_vsp(twin, [0, 1], **kw)); it gets chunks=
     (in-batch) or reference= (external). reference: None (in-batch) or (clean latent in the model's space,
     its noise, its conditioning): each step records that latent at sigma (sigma noise + (1 - sigma) clean) alone,
-    then every chunk of the targets replays it."""
+    then every chunk of the targets replays it. references: a list of such triples instead, each recorded by its
+    own pass in order; install then gets references= (their recordings, a list)."""
     sigmas = sd3_sigmas(steps, shift)
     branches = [positive[0]] + ([negative[0]] if cfg != 1.0 else [])
     if len({c.shape[1] for c, _ in branches}) > 1:  # ComfyUI would repeat one to the lcm, or run them apart
@@ -142,6 +143,10 @@ def twin_sample(twin, noise, steps, cfg, positive, negative, install, reference=
             ref_x = sigma * ref_noise + (1 - sigma) * clean
             kwargs = {"reference": record_reference(twin, range(len(twin.transformer_blocks)), lambda: twin_denoise(
                 twin, ref_x, timestep, ref_context, ref_extra["pooled_output"]))}
+        elif references is not None:
+            kwargs = {"references": [record_reference(twin, range(len(twin.transformer_blocks)), lambda: twin_denoise(
+                twin, sigma * ref_noise + (1 - sigma) * clean, timestep, ref_context, ref_extra["pooled_output"]))
+                for clean, ref_noise, ((ref_context, ref_extra),) in references]}
         rows = x.repeat(len(branches), 1, 1, 1)
         with install(**kwargs):
             velocity = twin_denoise(twin, rows, timestep, context, pooled)
