@@ -12,6 +12,7 @@ A shared GroupNorm pools the targets with w_i copies of each reference's positio
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,12 +34,12 @@ class WeightedReferences:
         total = sum(self.weights)
         return tuple(w / total for w in self.weights)
 
-    @property
+    @cached_property  # joined once per step's recording, not at every styled layer call
     def key(self) -> torch.Tensor:
         """Every reference's keys, one after another (rows: the sum of theirs)."""
         return _joined([m.key for m in self.members])
 
-    @property
+    @cached_property
     def value(self) -> torch.Tensor:
         return _joined([m.value for m in self.members])
 
